@@ -1,0 +1,207 @@
+"""The ``opendino`` command line: ``opendino <command> ...``.
+
+Exit codes: 0 success, 2 bad usage or configuration (the message names the bad value and the valid
+choices), 1 runtime failure. ``OPENDINO_DEBUG=1`` prints tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+
+class UsageError(ValueError):
+    """Bad arguments or configuration: exit code 2."""
+
+
+def _model_and_norm(source: str, weights: str | None):
+    from opendino.models import MODELS, load_model
+    from opendino.models.registry import LVD_MEAN, LVD_STD, UnknownModelError
+
+    if source not in MODELS and not Path(source).exists():
+        raise UnknownModelError(f"{source!r} is neither a file nor a known model; known: {', '.join(MODELS)}")
+    model = load_model(source, weights=weights)
+    spec = getattr(model, "spec", None)
+    return model, (spec.mean, spec.std) if spec else (LVD_MEAN, LVD_STD)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from opendino.models import MODELS, build_model
+
+    print(f"{'name':<18} {'params':>14}  {'official checkpoint file':<56} summary")
+    for name, spec in MODELS.items():
+        n = sum(p.numel() for p in build_model(name, device="meta").parameters())
+        print(f"{name:<18} {n:>14,}  {spec.checkpoint or '-':<56} {spec.summary}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from opendino.data.sources import list_images
+    from opendino.eval.features import OUTPUT_FORMATS, extract_features, save_features
+
+    out = Path(args.out)
+    if out.suffix not in OUTPUT_FORMATS:
+        raise UsageError(f"--out {out}: unknown format {out.suffix!r}; valid: {', '.join(OUTPUT_FORMATS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
+    model, (mean, std) = _model_and_norm(args.model, args.weights)
+    if args.resolution % model.feature_stride:
+        raise UsageError(
+            f"--resolution {args.resolution} is not a multiple of the model's stride {model.feature_stride}"
+        )
+    try:
+        paths = list_images(args.images)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if not paths:
+        raise RuntimeError(f"{args.images}: no images found (extensions: jpg, png, webp, bmp, tiff)")
+    if args.weights is None and not Path(args.model).exists():
+        print(f"note: {args.model} has random weights (pass --weights FILE for trained ones)", file=sys.stderr)
+    feats = extract_features(
+        model,
+        paths,
+        mean=mean,
+        std=std,
+        resolution=args.resolution,
+        resize=args.resize,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        num_workers=args.workers,
+        keep_patch=not args.no_patch,
+    )
+    meta = {"model": args.model, "weights": args.weights, "resolution": args.resolution, "resize": args.resize}
+    written = save_features(feats, out, meta)
+    for path in feats.skipped:
+        print(f"skipped unreadable image: {path}", file=sys.stderr)
+    print(
+        f"{len(feats.paths)} images ({len(feats.skipped)} skipped) -> {', '.join(map(str, written))}; "
+        f"cls {tuple(feats.cls.shape)}, patch {tuple(feats.patch.shape) if feats.patch is not None else '-'}; "
+        f"{feats.images_per_second:.1f} images/s"
+    )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from opendino.models import load_model, save_model
+    from opendino.models.convert import CONVERTERS, hf_config
+
+    model = load_model(args.source)
+    out = Path(args.out)
+    if args.to == "official" and out.suffix == ".safetensors":
+        save_model(model, out)
+    else:
+        state = CONVERTERS[args.to]({k: v.detach().clone() for k, v in model.state_dict().items()})
+        if args.to == "hf":
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+            (out / "config.json").write_text(json.dumps(hf_config(model.model_kwargs), indent=2))
+        elif out.suffix == ".safetensors":
+            save_file(state, str(out))
+        elif out.suffix in (".pth", ".pt"):
+            torch.save(state, out)
+        else:
+            raise UsageError(f"--out {out}: use .safetensors or .pth (a folder for --to hf)")
+    print(f"{args.source} -> {out} ({args.to} layout)")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from opendino.data.synthetic import write_image_folder
+
+    if args.n < 1 or args.size < 16:
+        raise UsageError(f"--n {args.n} / --size {args.size}: need n >= 1 and size >= 16")
+    root = write_image_folder(args.out, n=args.n, size=args.size, split=args.split, seed=args.seed)
+    print(f"wrote {args.n} {args.size}x{args.size} scenes to {root}/<class>/")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opendino.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opendino", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the named architectures and their official checkpoint files")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "extract",
+        help="images -> CLS, pooled and patch-grid features",
+        description="Extract features of a folder, an image list (.txt/.csv) or one image. MODEL is a named "
+        "architecture (see `opendino models`; add --weights) or a checkpoint file (official .pth, OpenDINO or "
+        "timm .safetensors, or a Hugging Face model folder).",
+    )
+    p.add_argument("model", help="model name or checkpoint file")
+    p.add_argument("images", help="image folder (recursive), .txt/.csv list, or image file")
+    p.add_argument("--out", required=True, help="output: .safetensors, .npz, or .npy (one file per array)")
+    p.add_argument("--weights", help="checkpoint for a named MODEL (loaded strictly, weights_only)")
+    p.add_argument("--resolution", type=int, default=224, help="input size in pixels (multiple of the stride)")
+    p.add_argument("--resize", choices=("square", "crop"), default="square", help="square resize or centre crop")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes for decoding")
+    p.add_argument("--no-patch", action="store_true", help="skip the patch-grid features")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert weights between the official, timm and Hugging Face layouts",
+        description="SOURCE: any checkpoint OpenDINO reads (layout detected from the keys). --to official "
+        "writes .safetensors (with the architecture in its metadata) or .pth; --to timm writes a state dict "
+        "for timm's `vit_*_patch16_dinov3_qkvb` models; --to hf writes a folder (model.safetensors + "
+        "config.json) for transformers' DINOv3ViTModel.",
+    )
+    p.add_argument("source")
+    p.add_argument("--to", choices=("official", "timm", "hf"), required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    q = data_sub.add_parser("synth", help="write synthetic scenes as an image folder (<split>/<class>/*.png)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, default=256)
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--split", choices=("train", "val", "test"), default="train")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from opendino.models.checkpoint import CheckpointError
+    from opendino.models.convert import ConversionError
+    from opendino.models.registry import UnknownModelError
+
+    args = build_parser().parse_args(argv)  # argparse exits with 2 on bad usage
+    try:
+        return args.func(args)
+    except (UsageError, UnknownModelError) as e:
+        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, ConversionError, RuntimeError, OSError, ValueError) as e:
+        if os.environ.get("OPENDINO_DEBUG"):
+            traceback.print_exc()
+        print(f"opendino {args.command}: error: {e}", file=sys.stderr)
+        return 1

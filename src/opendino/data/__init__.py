@@ -1,0 +1,1 @@
+"""Image sources, the embedded synthetic world and (later) augmentation, masking and collate."""

@@ -1,0 +1,152 @@
+"""Feature extraction: images -> CLS, pooled (mean patch) and patch-grid features of a backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from opendino.data.sources import load_rgb
+
+OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Features:
+    cls: Tensor  # [N, D]
+    pooled: Tensor  # [N, D] mean of the patch tokens
+    patch: Tensor | None  # [N, h, w, D]
+    paths: list[str]
+    skipped: list[str]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.paths) / max(self.seconds, 1e-9)
+
+
+def eval_transform(resolution: int, mean: Sequence[float], std: Sequence[float], resize: str = "square"):
+    """``square``: resize to ``resolution x resolution`` (the DINOv3 README's inference transform);
+    ``crop``: shorter side to ``resolution * 256 / 224``, then a centre crop (the classification evals)."""
+    if resize == "square":
+        geometry = [v2.Resize((resolution, resolution), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    elif resize == "crop":
+        geometry = [
+            v2.Resize(round(resolution * 256 / 224), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(resolution),
+        ]
+    else:
+        raise ValueError(f"resize={resize!r}; valid: square, crop")
+    return v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], transform) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
+        img = load_rgb(self.paths[i])
+        return (None if img is None else self.transform(img)), i
+
+
+def _collate(batch):
+    kept = [(x, i) for x, i in batch if x is not None]
+    skipped = [i for x, i in batch if x is None]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, [i for _, i in kept], skipped
+
+
+@torch.inference_mode()
+def extract_features(
+    model: nn.Module,
+    paths: Sequence[Path],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resolution: int = 224,
+    resize: str = "square",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    dtype: str = "fp32",
+    num_workers: int = 0,
+    keep_patch: bool = True,
+    progress: bool = True,
+) -> Features:
+    """Runs ``model.forward_features`` over the images; unreadable files are skipped and listed."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    loader = DataLoader(
+        _ImageDataset(paths, eval_transform(resolution, mean, std, resize)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    cls, pooled, patch, kept, skipped = [], [], [], [], []
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    start = time.perf_counter()
+    for images, indices, bad in tqdm(loader, desc="extract", unit="batch", disable=not progress):
+        skipped += [str(paths[i]) for i in bad]
+        if images is None:
+            continue
+        with autocast:
+            out = model.forward_features(images.to(device, non_blocking=True))
+        tokens = out["x_norm_patchtokens"].float()
+        h, w = images.shape[-2] // model.feature_stride, images.shape[-1] // model.feature_stride
+        cls.append(out["x_norm_clstoken"].float().cpu())
+        pooled.append(tokens.mean(1).cpu())
+        if keep_patch:
+            patch.append(tokens.reshape(len(indices), h, w, -1).cpu())
+        kept += [str(paths[i]) for i in indices]
+    seconds = time.perf_counter() - start
+    if not kept:
+        raise RuntimeError(f"none of the {len(paths)} images could be read (first: {paths[0] if paths else '-'})")
+    return Features(
+        cls=torch.cat(cls),
+        pooled=torch.cat(pooled),
+        patch=torch.cat(patch) if keep_patch else None,
+        paths=kept,
+        skipped=skipped,
+        seconds=seconds,
+    )
+
+
+def save_features(features: Features, out: str | Path, meta: dict) -> list[Path]:
+    """``.safetensors`` / ``.npz``: one file with ``cls``, ``pooled``, ``patch`` and the metadata.
+    ``.npy``: ``<stem>_cls.npy``, ``<stem>_pooled.npy``, ``<stem>_patch.npy`` and ``<stem>_meta.json``.
+    The row order is the order of ``meta["paths"]``."""
+    out = Path(out)
+    if out.suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"output {out}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"cls": features.cls, "pooled": features.pooled}
+    if features.patch is not None:
+        arrays["patch"] = features.patch
+    meta = {**meta, "paths": features.paths, "skipped": features.skipped}
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in arrays.items()}, str(out), metadata={"opendino": json.dumps(meta)})
+        return [out]
+    if out.suffix == ".npz":
+        np.savez(out, **{k: v.numpy() for k, v in arrays.items()}, meta=np.array(json.dumps(meta)))
+        return [out]
+    written = []
+    for key, value in arrays.items():
+        written.append(out.with_name(f"{out.stem}_{key}.npy"))
+        np.save(written[-1], value.numpy())
+    written.append(out.with_name(f"{out.stem}_meta.json"))
+    written[-1].write_text(json.dumps(meta, indent=1))
+    return written

@@ -1,0 +1,131 @@
+"""The command line: extract, models, data; exit codes 0 / 1 / 2 and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from opendino.cli import main
+from opendino.data.synthetic import write_image_folder
+from opendino.models import build_model, load_model
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    write_image_folder(root, n=6, size=64)
+    (root / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "train" / "empty.jpg").write_bytes(b"")
+    Image.new("CMYK", (40, 50), (10, 20, 30, 0)).save(root / "train" / "cmyk.jpg")
+    Image.new("P", (33, 20)).save(root / "train" / "palette.png")
+    return root
+
+
+def test_extract_safetensors_with_bad_files_skipped(image_folder, tmp_path, capsys):
+    out = tmp_path / "f.safetensors"
+    code = main(["extract", "vits16", str(image_folder), "--out", str(out), "--resolution", "64", "--batch-size", "4"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "empty.jpg" in captured.err and "random weights" in captured.err
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["opendino"])
+        cls, patch, pooled = f.get_tensor("cls"), f.get_tensor("patch"), f.get_tensor("pooled")
+    assert len(meta["paths"]) == 8 and len(meta["skipped"]) == 2  # 6 scenes + CMYK + palette
+    assert cls.shape == (8, 384) and patch.shape == (8, 4, 4, 384)
+    assert torch.allclose(pooled, patch.flatten(1, 2).mean(1), atol=1e-5)
+
+
+def test_extract_features_equal_a_direct_forward(tmp_path):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    img.save(tmp_path / "a.png")
+    model = build_model("convnext_tiny")
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "f.npy"
+    assert (
+        main(
+            [
+                "extract",
+                str(tmp_path / "w.pth"),
+                str(tmp_path / "a.png"),
+                "--out",
+                str(out),
+                "--resolution",
+                "64",
+                "--resize",
+                "square",
+            ]
+        )
+        == 0
+    )
+    cls = np.load(tmp_path / "f_cls.npy")
+    from opendino.eval.features import eval_transform
+    from opendino.models.registry import LVD_MEAN, LVD_STD
+
+    x = eval_transform(64, LVD_MEAN, LVD_STD)(img)[None]
+    with torch.no_grad():
+        ref = load_model(tmp_path / "w.pth").eval()(x)
+    assert np.allclose(cls, ref.numpy(), atol=1e-5)
+    assert json.loads((tmp_path / "f_meta.json").read_text())["paths"] == [str(tmp_path / "a.png")]
+
+
+def test_extract_from_a_file_list(image_folder, tmp_path):
+    files = sorted((image_folder / "train").rglob("0*.png"))[:2]
+    (tmp_path / "list.txt").write_text("\n".join(str(f) for f in files))
+    out = tmp_path / "f.npz"
+    assert (
+        main(["extract", "vits16", str(tmp_path / "list.txt"), "--out", str(out), "--resolution", "32", "--no-patch"])
+        == 0
+    )
+    data = np.load(out)
+    assert data["cls"].shape == (2, 384) and "patch" not in data.files
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["extract", "vit_nope", ".", "--out", "x.npz"], "neither a file nor a known model"),
+        (["extract", "vits16", ".", "--out", "x.txt"], "unknown format"),
+        (["extract", "vits16", ".", "--out", "x.npz", "--resolution", "100"], "not a multiple"),
+        (["extract", "vits16", "/nonexistent", "--out", "x.npz"], "no such file"),
+        (["data", "synth", "--out", "x", "--n", "0"], "need n >= 1"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_2():
+    with pytest.raises(SystemExit) as err:
+        main(["extract", "vits16"])
+    assert err.value.code == 2
+
+
+def test_runtime_failure_exits_1(tmp_path, capsys):
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    assert main(["extract", str(tmp_path / "bad.pth"), str(tmp_path), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "not a readable" in capsys.readouterr().err
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(b"not an image")
+    assert main(["extract", "vits16", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.npz")]) == 1
+    assert "could be read" in capsys.readouterr().err
+
+
+def test_console_script_help_and_models():
+    out = subprocess.run([sys.executable, "-m", "opendino", "models"], capture_output=True, text=True, check=True)
+    assert "vit7b16" in out.stdout and "6,716,043,264" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "opendino", "extract", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--resolution" in out.stdout
+
+
+def test_data_synth_writes_class_folders(tmp_path):
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "5", "--size", "32", "--split", "val"]) == 0
+    files = list((tmp_path / "val").rglob("*.png"))
+    assert len(files) == 5 and all(Image.open(f).size == (32, 32) for f in files)
