@@ -146,20 +146,21 @@ def check_vit_train(data: dict) -> None:
 
 @torch.no_grad()
 def check_convnext(data: dict) -> None:
-    models = {}
+    models: dict[int | None, ConvNeXt] = {}
+
+    def model_with(patch_size: int | None) -> ConvNeXt:
+        if patch_size not in models:
+            models[patch_size] = ConvNeXt(**{**data["model_kwargs"], "patch_size": patch_size}).eval()
+            models[patch_size].load_state_dict(data["state_dict"], strict=True)
+        return models[patch_size]
+
     for name, x in data["inputs"].items():
         expected = data["outputs"][name]
-        base = models.setdefault(None, ConvNeXt(**data["model_kwargs"]))
-        base.load_state_dict(data["state_dict"], strict=True)
-        _run_outputs(base.eval(), x, expected, f"outputs.{name}")
+        _run_outputs(model_with(data["model_kwargs"].get("patch_size")), x, expected, f"outputs.{name}")
         for key, group in expected.items():
-            if not key.startswith("patch_size_"):
-                continue
-            ps = None if key == "patch_size_None" else int(key.removeprefix("patch_size_"))
-            if ps not in models:
-                models[ps] = ConvNeXt(**{**data["model_kwargs"], "patch_size": ps})
-                models[ps].load_state_dict(data["state_dict"], strict=True)
-            _run_outputs(models[ps].eval(), x, group, f"outputs.{name}.{key}")
+            if key.startswith("patch_size_"):
+                size = key.removeprefix("patch_size_")
+                _run_outputs(model_with(None if size == "None" else int(size)), x, group, f"outputs.{name}.{key}")
 
 
 def _check_head(kwargs: dict, state: dict, inputs: dict, expected: dict, path: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,15 +338,15 @@ class DinoVisionTransformer(nn.Module):
             prefix.append(self.storage_tokens.expand(B, -1, -1))
         return torch.cat([*prefix, x], dim=1), h, w
 
-    def _ropes(self, grids: Sequence[tuple[int, int]]) -> list[Rope]:
-        return [self.rope_embed(h, w) for h, w in grids]
-
-    def _run_blocks(self, xs: list[Tensor], grids: list[tuple[int, int]]) -> list[Tensor]:
-        # Cheap to compute; only re-drawn per block when the RoPE augmentation is active (train mode).
-        ropes = None if self.rope_embed.augments else self._ropes(grids)
-        for blk in self.blocks:
-            xs = blk(xs, ropes if ropes is not None else self._ropes(grids))
-        return xs
+    def _iter_blocks(self, xs: list[Tensor], grids: list[tuple[int, int]]) -> Iterator[list[Tensor]]:
+        """Yields the token groups after each block."""
+        ropes = [self.rope_embed(h, w) for h, w in grids]
+        for i, blk in enumerate(self.blocks):
+            # In train mode with a RoPE augmentation a new draw is made per block and per crop group.
+            if i > 0 and self.rope_embed.augments:
+                ropes = [self.rope_embed(h, w) for h, w in grids]
+            xs = blk(xs, ropes)
+            yield xs
 
     def _split_norm(self, x: Tensor, local_crops: bool = False) -> tuple[Tensor, Tensor]:
         """Normalised (cls + storage tokens, patch tokens) of a ``[B, 1+R+N, D]`` block output."""
@@ -365,7 +365,7 @@ class DinoVisionTransformer(nn.Module):
             t, h, w = self.prepare_tokens_with_masks(x, masks)
             tokens.append(t)
             grids.append((h, w))
-        tokens = self._run_blocks(tokens, grids)
+        *_, tokens = self._iter_blocks(tokens, grids)
         outputs = []
         for idx, (x, masks) in enumerate(zip(tokens, masks_list, strict=True)):
             prefix, patches = self._split_norm(x, local_crops=idx == 1)
@@ -412,13 +412,12 @@ class DinoVisionTransformer(nn.Module):
         """Outputs of the last ``n`` blocks (or of the listed 0-based blocks, in block order)."""
         wanted = set(self._block_indices(n))
         tokens, h, w = self.prepare_tokens_with_masks(x)
-        xs, grids = [tokens], [(h, w)]
-        ropes = None if self.rope_embed.augments else self._ropes(grids)
         taken = []
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            xs = blk(xs, ropes if ropes is not None else self._ropes(grids))
+        for i, xs in enumerate(self._iter_blocks([tokens], [(h, w)])):
             if i in wanted:
                 taken.append(xs[0])
+            if i == max(wanted):
+                break
         n_prefix = 1 + self.n_storage_tokens
         outputs = []
         for out in taken:
