@@ -68,7 +68,7 @@ def test_extract_features_equal_a_direct_forward(tmp_path):
     from opendino.eval.features import eval_transform
     from opendino.models.registry import LVD_MEAN, LVD_STD
 
-    x = eval_transform(64, LVD_MEAN, LVD_STD)(img)[None]
+    x = eval_transform(64, LVD_MEAN, LVD_STD)(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))[None]
     with torch.no_grad():
         ref = load_model(tmp_path / "w.pth").eval()(x)
     assert np.allclose(cls, ref.numpy(), atol=1e-5)

@@ -1,47 +1,218 @@
-"""Listing and decoding user images: a folder (recursive), a file list, or a single image.
+"""Image sources behind one interface: a folder, a file list, tar shards, or the synthetic world.
 
-Unreadable files never stop a job: they are skipped, and their paths are reported by the caller.
+Every source is an indexable collection of ``(path, label)`` records with ``load(i) -> uint8 [3, H, W]
+tensor or None``. ``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` list,
+``.tar`` shards given as a file, a glob or a folder of shards) or ``open_source(source="synthetic")``.
+Unreadable images never stop a job: ``load`` returns None, and callers skip, count and report them.
+
+Tar shards use the webdataset layout (``<key>.<ext>`` members, an optional ``<key>.cls`` label); they are
+indexed once and read by random access, so every source shares one seeded, resumable sampler.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import io
+import os
+import tarfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 LIST_EXTENSIONS = (".txt", ".csv")
+# Dense labels stored beside images (see docs/data.md) are not images of the data set.
+LABEL_SUFFIXES = (".seg", ".inst", ".depth", ".view2")
+MAX_SIDE = 4096  # larger images are reduced on decode (JPEG draft mode) and then resized
 
 
-def list_images(source: str | Path) -> list[Path]:
-    """Image paths of a folder (recursive, sorted), a ``.txt`` / ``.csv`` list (first column; relative
-    paths are relative to the list's folder) or a single image file."""
-    source = Path(source)
-    if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if source.is_file() and source.suffix.lower() in LIST_EXTENSIONS:
-        with source.open(newline="") as f:
-            rows = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
-        if rows and Path(rows[0]).suffix.lower() not in IMAGE_EXTENSIONS:
-            rows = rows[1:]  # a csv header
-        return [p if p.is_absolute() else source.parent / p for p in map(Path, rows)]
-    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
-        return [source]
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    raise ValueError(f"{source}: not an image folder, an image, or a .txt/.csv list of images")
+class NoImagesError(RuntimeError):
+    pass
 
 
-def load_rgb(path: str | Path) -> Image.Image | None:
-    """The image as 8-bit RGB with its EXIF orientation applied, or None if it cannot be decoded."""
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and Path(path.stem).suffix not in LABEL_SUFFIXES
+
+
+def decode_image(data: str | Path | bytes, max_side: int = MAX_SIDE) -> Tensor | None:
+    """8-bit RGB ``[3, H, W]`` uint8 with EXIF orientation applied, or None if it cannot be decoded.
+    Grayscale, palette, CMYK, alpha and 16-bit images are converted; huge ones are reduced."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+                if img.format == "JPEG" and max(img.size) > max_side:
+                    img.draft("RGB", (max_side, max_side))
                 img = ImageOps.exif_transpose(img)
                 img.load()
-                return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                img = _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
         return None
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert("RGB") clips high-bit-depth values; scale them to 8 bits instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0 if arr.max() <= 255 else 65535.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """Indexable records ``(path, label)``; ``label`` is -1 when the source has none."""
+
+    classes: list[str] = []
+
+    def __init__(self, records: Sequence[tuple[str, int]], name: str) -> None:
+        self.records = list(records)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def path(self, index: int) -> str:
+        return self.records[index][0]
+
+    def label(self, index: int) -> int:
+        return self.records[index][1]
+
+    def load(self, index: int) -> Tensor | None:
+        return decode_image(self.records[index][0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
+        return self.load(index), self.label(index)
+
+    def check_readable(self, probe: int = 64) -> None:
+        """Fails early, with the source named, if none of its first ``probe`` images decodes."""
+        if not self.records:
+            raise NoImagesError(f"{self.name}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        for i in range(min(probe, len(self))):
+            if self.load(i) is not None:
+                return
+        raise NoImagesError(f"{self.name}: none of the first {min(probe, len(self))} images can be decoded")
+
+
+class FolderSource(ImageSource):
+    """All images below ``root`` (recursive, sorted); the class is the first-level sub-folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        paths = sorted(p for p in root.rglob("*") if _is_image(p) and p.is_file())
+        first_level = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
+        self.classes = sorted({c for c in first_level if c is not None})
+        index = {c: i for i, c in enumerate(self.classes)}
+        super().__init__([(str(p), index.get(c, -1)) for p, c in zip(paths, first_level, strict=True)], str(root))
+
+
+class ListSource(ImageSource):
+    """A ``.txt`` (one path per line) or ``.csv`` (``path[,label]``, optional header) list; relative paths
+    are relative to the list's folder."""
+
+    def __init__(self, list_file: str | Path) -> None:
+        list_file = Path(list_file)
+        with list_file.open(newline="") as f:
+            rows = [row for row in csv.reader(f) if row and row[0].strip()]
+        if rows and Path(rows[0][0].strip()).suffix.lower() not in IMAGE_EXTENSIONS:
+            rows = rows[1:]  # a header
+        records = []
+        for row in rows:
+            path = Path(row[0].strip())
+            path = path if path.is_absolute() else list_file.parent / path
+            records.append((str(path), int(row[1]) if len(row) > 1 and row[1].strip() else -1))
+        super().__init__(records, str(list_file))
+
+
+class TarShardSource(ImageSource):
+    """webdataset-style tar shards, indexed once (member offsets) and read by random access."""
+
+    def __init__(self, shards: Sequence[str | Path]) -> None:
+        self.shards = [str(s) for s in shards]
+        self._index: list[tuple[int, int, int]] = []  # (shard, offset, size) of each image member
+        records = []
+        for shard_id, shard in enumerate(self.shards):
+            with tarfile.open(shard) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+            labels = {}
+            with open(shard, "rb") as f:
+                for m in members:
+                    if m.name.endswith(".cls"):
+                        f.seek(m.offset_data)
+                        labels[m.name.rsplit(".", 1)[0]] = int(f.read(m.size).decode().strip() or -1)
+            for m in members:
+                key, _, ext = m.name.rpartition(".")
+                if f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                    self._index.append((shard_id, m.offset_data, m.size))
+                    records.append((f"{shard}:{m.name}", labels.get(key, -1)))
+        super().__init__(records, ", ".join(self.shards[:3]) + (" ..." if len(self.shards) > 3 else ""))
+
+    def load(self, index: int) -> Tensor | None:
+        shard, offset, size = self._index[index]
+        with open(self.shards[shard], "rb") as f:
+            f.seek(offset)
+            return decode_image(f.read(size))
+
+
+class SyntheticSource(ImageSource):
+    """``n`` scenes of the embedded synthetic world (rendered on the fly)."""
+
+    def __init__(self, n: int = 10_000, size: int = 128, split: str = "train", seed: int = 0) -> None:
+        from opendino.data.synthetic import CLASSES, render_scene
+
+        self._render = render_scene
+        self.size, self.split, self.seed = size, split, seed
+        self.classes = list(CLASSES)
+        super().__init__([(f"synthetic:{split}:{i}", -1) for i in range(n)], f"synthetic world ({split}, n={n})")
+
+    def label(self, index: int) -> int:
+        return self._render(index, self.size, self.split, self.seed).label
+
+    def load(self, index: int) -> Tensor:
+        scene = self._render(index, self.size, self.split, self.seed)
+        return torch.from_numpy(np.array(scene.image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+SOURCES = ("folder", "list", "tar", "synthetic")
+
+
+def open_source(path: str | Path | None = None, source: str | None = None, **synthetic_kwargs) -> ImageSource:
+    """The source for ``path`` (kind auto-detected) or ``source="synthetic"``."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"data.source={source!r}; valid: {', '.join(SOURCES)}")
+    if source == "synthetic" or (path is None and source is None):
+        return SyntheticSource(**synthetic_kwargs)
+    if path is None:
+        raise ValueError(f"data.source={source!r} needs data.path")
+    text = str(path)
+    if any(ch in text for ch in "*?[") or text.endswith(".tar"):
+        shards = sorted(glob.glob(text)) if not os.path.isfile(text) else [text]
+        if not shards:
+            raise FileNotFoundError(f"{path}: no tar shards match")
+        return TarShardSource(shards)
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        shards = sorted(p.glob("*.tar"))
+        if shards and source in (None, "tar") and not any(_is_image(q) for q in p.iterdir()):
+            return TarShardSource(shards)
+        return FolderSource(p)
+    if p.suffix.lower() in LIST_EXTENSIONS:
+        return ListSource(p)
+    if _is_image(p):
+        return ImageSource([(str(p), -1)], str(p))
+    raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv list or .tar shards")
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """Image paths of a folder, a list or a single image (for extraction and tools)."""
+    return [Path(r[0]) for r in open_source(path).records]

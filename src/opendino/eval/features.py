@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from opendino.data.sources import load_rgb
+from opendino.data.sources import decode_image
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,7 +47,7 @@ def eval_transform(resolution: int, mean: Sequence[float], std: Sequence[float],
         ]
     else:
         raise ValueError(f"resize={resize!r}; valid: square, crop")
-    return v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class _ImageDataset(Dataset):
@@ -58,7 +58,7 @@ class _ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
-        img = load_rgb(self.paths[i])
+        img = decode_image(self.paths[i])
         return (None if img is None else self.transform(img)), i
 
 

@@ -1,0 +1,260 @@
+"""Multi-crop augmentation of the DINOv3 recipe on tensors (recipe.md §3.5).
+
+Two stages so that the expensive part can run where there is compute:
+
+1. ``MultiCrop.geometric`` (per image, uint8, in data-loader workers): random resized crops (bicubic),
+   optional horizontal flips, Gram-teacher crops from the same undistorted base crop.
+2. ``photometric`` (batched, float, on any device): colour jitter (p 0.8; brightness 0.4, contrast 0.4,
+   saturation 0.2, hue 0.1, in a random order per crop), grayscale (p 0.2), Gaussian blur (kernel 9,
+   sigma U(0.1, 2)), solarize (threshold 128) and normalisation, each with per-crop random parameters.
+
+The blur probabilities are those the released models were trained with (dinov3 issue #286): global crop 1
+never, global crop 2 with 0.9 (then solarize with 0.2), local crops 0.5. ``MultiCrop.__call__`` runs both
+stages on one image, for per-sample use in workers; the training loop can instead collate the uint8 crops
+and call ``MultiCrop.photometric`` on the whole batch on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotometricPolicy:
+    """Probabilities of one crop type."""
+
+    jitter: float = 0.8
+    grayscale: float = 0.2
+    blur: float = 0.0
+    solarize: float = 0.0
+
+
+# Effective probabilities of the official pipeline (recipe.md §3.5, §9.1).
+GLOBAL_1 = PhotometricPolicy(blur=0.0)
+GLOBAL_2 = PhotometricPolicy(blur=0.9, solarize=0.2)
+LOCAL = PhotometricPolicy(blur=0.5)
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+BLUR_KERNEL, BLUR_SIGMA = 9, (0.1, 2.0)
+
+
+@dataclasses.dataclass
+class CropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    horizontal_flips: bool = True
+    gram_size: int | None = None  # Gram-teacher crops (e.g. 2x the global size), from the same base crop
+    gram_no_distortions: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def _resized_crop(img: Tensor, size: int, scale: Sequence[float], flip: bool, generator) -> Tensor:
+    top, left, h, w = _rrc_params(img, scale, generator)
+    out = TF.resized_crop(
+        img, top, left, h, w, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+    )
+    if flip and torch.rand((), generator=generator) < 0.5:
+        out = TF.horizontal_flip(out)
+    return out
+
+
+def _rrc_params(img: Tensor, scale: Sequence[float], generator: torch.Generator | None) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop rule (10 tries, then a central crop), written out because its
+    ``get_params`` cannot take a generator and per-sample streams must be reproducible."""
+    height, width = img.shape[-2:]
+    area = height * width
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        ratio = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif in_ratio > 4 / 3:
+        h, w = height, round(height * (4 / 3))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class MultiCrop:
+    def __init__(self, config: CropConfig | None = None) -> None:
+        self.config = config or CropConfig()
+
+    def geometric(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """uint8 ``[3, H, W]`` -> uint8 ``global [2, 3, S, S]``, ``local [n, 3, s, s]`` (+ ``gram``)."""
+        c = self.config
+        base_size = max(c.global_size, c.gram_size or 0)
+        bases = [_resized_crop(img, base_size, c.global_scale, c.horizontal_flips, generator) for _ in range(2)]
+        out = {"global": torch.stack([_resize(b, c.global_size) for b in bases])}
+        if c.gram_size:
+            out["gram"] = torch.stack([_resize(b, c.gram_size) for b in bases])
+        out["local"] = torch.stack(
+            [_resized_crop(img, c.local_size, c.local_scale, c.horizontal_flips, generator) for _ in range(c.n_local)]
+        )
+        return out
+
+    def photometric(self, crops: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Distorts and normalises uint8 crops (any leading batch shape, any device); Gram-teacher crops are
+        only normalised when ``gram_no_distortions``."""
+        c = self.config
+        out = {}
+        g = crops["global"]  # [..., 2, 3, S, S]
+        first = photometric(g[..., 0, :, :, :], GLOBAL_1, c.mean, c.std, generator)
+        second = photometric(g[..., 1, :, :, :], GLOBAL_2, c.mean, c.std, generator)
+        out["global"] = torch.stack([first, second], dim=-4)
+        local = crops["local"]
+        out["local"] = photometric(local.flatten(0, -4), LOCAL, c.mean, c.std, generator).view(local.shape)
+        if "gram" in crops:
+            gram = crops["gram"]
+            if c.gram_no_distortions:
+                out["gram"] = normalize(gram, c.mean, c.std)
+            else:  # resize the distorted global crops instead
+                size = [c.gram_size, c.gram_size]
+                flat = out["global"].flatten(0, -4)
+                out["gram"] = F.interpolate(flat, size=size, mode="bicubic", align_corners=False).view(
+                    *out["global"].shape[:-2], *size
+                )
+        return out
+
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return self.photometric(self.geometric(img, generator), generator)
+
+
+def _resize(img: Tensor, size: int) -> Tensor:
+    if img.shape[-1] == size:
+        return img
+    return TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
+# -- batched photometric operations with per-sample parameters --------------------------------------------
+def _gray(x: Tensor) -> Tensor:
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a: Tensor, b: Tensor, ratio: Tensor) -> Tensor:
+    return (ratio.view(-1, 1, 1, 1) * a + (1 - ratio.view(-1, 1, 1, 1)) * b).clamp(0, 1)
+
+
+def _rgb_to_hsv(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp(min=1e-12), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x: Tensor) -> Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack(
+        [torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0
+    )  # [6, B, 3, H, W]
+    return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
+
+
+def _adjust(x: Tensor, op: int, factor: Tensor) -> Tensor:
+    if op == 0:  # brightness
+        return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
+    if op == 1:  # contrast: blend with the mean grey level of the image
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    if op == 2:  # saturation: blend with the greyscale image
+        return _blend(x, _gray(x), factor)
+    hsv = _rgb_to_hsv(x)
+    hsv[:, 0] = (hsv[:, 0] + factor.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(hsv)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    radius = BLUR_KERNEL // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # [B, k]
+    B, C, H, W = x.shape
+    flat = x.reshape(1, B * C, H, W)
+    k = kernel.repeat_interleave(C, 0)
+    flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, k.view(B * C, 1, 1, -1), groups=B * C)
+    flat = F.conv2d(flat, k.view(B * C, 1, -1, 1), groups=B * C)
+    return flat.view(B, C, H, W)
+
+
+def sample_photometric_params(
+    n: int, policy: PhotometricPolicy, generator: torch.Generator | None = None, device=None
+) -> dict[str, Tensor]:
+    """Per-crop random parameters; drawn on ``device`` so batched GPU use needs no host round trip."""
+    kw = {"generator": generator, "device": device}
+    u = lambda *shape: torch.rand(*shape, **kw)  # noqa: E731
+    b, c, s, h = JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"]
+    return {
+        "jitter": u(n) < policy.jitter,
+        "order": torch.argsort(u(n, 4), dim=1),  # a random order of the four jitter operations per crop
+        "factors": torch.stack(
+            [1 - b + 2 * b * u(n), 1 - c + 2 * c * u(n), 1 - s + 2 * s * u(n), -h + 2 * h * u(n)], dim=1
+        ),
+        "grayscale": u(n) < policy.grayscale,
+        "blur": u(n) < policy.blur,
+        "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
+        "solarize": u(n) < policy.solarize,
+    }
+
+
+def photometric(
+    images: Tensor,
+    policy: PhotometricPolicy,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator | None = None,
+    params: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """uint8 or [0, 1] float ``[..., 3, H, W]`` -> distorted and normalised float crops, same shape."""
+    shape = images.shape
+    x = images.reshape(-1, *shape[-3:])
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    p = params or sample_photometric_params(x.shape[0], policy, generator, x.device)
+    # Each operation runs only on the crops that get it (one small index per slot and operation).
+    for slot in range(4):
+        for op in range(4):
+            idx = (p["jitter"] & (p["order"][:, slot] == op)).nonzero().squeeze(1)
+            if idx.numel():
+                x = x.index_copy(0, idx, _adjust(x[idx], op, p["factors"][idx, op]))
+    x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    idx = p["blur"].nonzero().squeeze(1)
+    if idx.numel():
+        x = x.index_copy(0, idx, _gaussian_blur(x[idx], p["sigma"][idx]))
+    if policy.solarize > 0:
+        x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    return normalize(x, mean, std).view(shape)

@@ -1,0 +1,182 @@
+"""The training data loader: seeded, infinite, sharded across ranks, resumable at any step.
+
+Step ``s`` of a run with ``world`` ranks and ``batch_size`` images per rank reads the global positions
+``[s * world * batch_size, (s + 1) * world * batch_size)`` of an endless sequence of epoch permutations
+(epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``), and rank ``r`` takes its contiguous share. Every
+sample carries its own seed derived from ``(seed, position)``, so the crops of a position do not depend on
+the number of workers or ranks, and resuming at step ``s`` needs only ``s``.
+
+With several crop-size sets (high-resolution adaptation) one set is chosen per step from the same
+probabilities on every rank, seeded by ``(65537, step)``, so a step is homogeneous across the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from opendino.data.augment import CropConfig, MultiCrop
+from opendino.data.collate import collate_masks
+from opendino.data.masking import BlockMaskGenerator
+from opendino.data.sources import ImageSource
+
+MAX_RETRIES = 64  # consecutive unreadable images tolerated before a sample fails
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRef:
+    index: int  # into the source
+    seed: int  # of this sample's augmentation
+    crop_set: int  # which (global, local, gram) size set
+
+
+class StepBatchSampler(Sampler[list[SampleRef]]):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        crop_set_probs: Sequence[float] = (1.0,),
+    ) -> None:
+        if n <= 0:
+            raise ValueError("cannot sample from an empty source")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.crop_set_probs = np.asarray(crop_set_probs, dtype=float) / sum(crop_set_probs)
+        self._epoch, self._perm = -1, None
+
+    def _index_at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
+        return self._perm[offset]
+
+    def crop_set_at(self, step: int) -> int:
+        if len(self.crop_set_probs) == 1:
+            return 0
+        return int(np.random.default_rng([65537, step]).choice(len(self.crop_set_probs), p=self.crop_set_probs))
+
+    def batch_at(self, step: int) -> list[SampleRef]:
+        start = (step * self.world_size + self.rank) * self.batch_size
+        crop_set = self.crop_set_at(step)
+        return [
+            SampleRef(self._index_at(q), _seed(self.seed, 1, q), crop_set)
+            for q in range(start, start + self.batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        step = self.start_step
+        while True:
+            yield self.batch_at(step)
+            step += 1
+
+    def __len__(self) -> int:  # DataLoader asks; the sampler is endless
+        return 2**62
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Decodes a source image and makes its uint8 crops (``photometric`` runs per sample or batched)."""
+
+    def __init__(self, source: ImageSource, crop_sets: Sequence[CropConfig], photometric_in_worker: bool = True):
+        self.source = source
+        self.multicrops = [MultiCrop(c) for c in crop_sets]
+        self.photometric_in_worker = photometric_in_worker
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, ref: SampleRef) -> dict:
+        skipped = []
+        index = ref.index
+        for _ in range(MAX_RETRIES):
+            img = self.source.load(index)
+            if img is not None:
+                break
+            skipped.append(self.source.path(index))
+            index = (index + 1) % len(self.source)  # deterministic replacement
+        else:
+            raise RuntimeError(f"{MAX_RETRIES} unreadable images in a row in {self.source.name}: {skipped[:3]} ...")
+        gen = torch.Generator().manual_seed(ref.seed)
+        multicrop = self.multicrops[ref.crop_set]
+        crops = multicrop.geometric(img, gen)
+        if self.photometric_in_worker:
+            crops = multicrop.photometric(crops, gen)
+        return {**crops, "label": self.source.label(index), "skipped": skipped, "seed": ref.seed}
+
+
+class SSLCollate:
+    """Stacks crops crop-major (``[crop0 of all B, crop1 of all B, ...]``) and draws the iBOT masks."""
+
+    def __init__(
+        self,
+        patch_size: int,
+        mask_ratio: tuple[float, float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
+        teacher_to_student_resolution_scale: float = 1.0,
+    ) -> None:
+        self.patch_size = patch_size
+        self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
+        self.scale = teacher_to_student_resolution_scale
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = {
+            key: torch.cat([s[key] for s in samples], dim=0)
+            .unflatten(0, (len(samples), -1))
+            .transpose(0, 1)
+            .flatten(0, 1)
+            for key in ("global", "local", "gram")
+            if key in samples[0]
+        }
+        grid = int(batch["global"].shape[-1] // (self.patch_size * self.scale))
+        # One seeded mask stream per batch: reproducible wherever the batch is collated.
+        generator = BlockMaskGenerator(
+            grid, max_num_patches=0.5 * grid * grid, seed=_seed(*(s["seed"] for s in samples[:4]))
+        )
+        batch.update(collate_masks(len(samples) * 2, grid * grid, generator, self.mask_ratio, self.mask_probability))
+        batch["labels"] = torch.tensor([s["label"] for s in samples])
+        batch["skipped"] = [p for s in samples for p in s["skipped"]]
+        return batch
+
+
+def build_ssl_loader(
+    source: ImageSource,
+    crop_sets: Sequence[CropConfig],
+    *,
+    batch_size: int,
+    patch_size: int = 16,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    crop_set_probs: Sequence[float] = (1.0,),
+    num_workers: int = 0,
+    photometric_in_worker: bool = True,
+    mask_ratio: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+) -> DataLoader:
+    """An endless loader of SSL batches starting at ``start_step``."""
+    sampler = StepBatchSampler(
+        len(source), batch_size, seed=seed, rank=rank, world_size=world_size, start_step=start_step,
+        crop_set_probs=crop_set_probs,
+    )  # fmt: skip
+    return DataLoader(
+        MultiCropDataset(source, crop_sets, photometric_in_worker),
+        batch_sampler=sampler,
+        collate_fn=SSLCollate(patch_size, mask_ratio, mask_probability),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

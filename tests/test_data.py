@@ -1,0 +1,220 @@
+"""Sources, bad files, the resumable sharded loader, collate layout and augmentation statistics."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opendino.data.augment import (
+    GLOBAL_1,
+    GLOBAL_2,
+    LOCAL,
+    CropConfig,
+    MultiCrop,
+    _rrc_params,
+    photometric,
+    sample_photometric_params,
+)
+from opendino.data.loader import MultiCropDataset, SampleRef, StepBatchSampler, build_ssl_loader
+from opendino.data.sources import (
+    FolderSource,
+    ListSource,
+    NoImagesError,
+    SyntheticSource,
+    TarShardSource,
+    decode_image,
+    open_source,
+)
+
+
+def _rgb(w=40, h=30, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs").mkdir()
+    _rgb().save(tmp_path / "cats" / "ok.jpg")
+    _rgb(seed=1).save(tmp_path / "dogs" / "ok.png")
+    (tmp_path / "cats" / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    _rgb().save(buf, "JPEG")
+    (tmp_path / "cats" / "truncated.jpg").write_bytes(buf.getvalue()[:200])
+    (tmp_path / "dogs" / "text.png").write_text("not an image")
+    (tmp_path / "dogs" / "notes.txt").write_text("ignored: not an image extension")
+    return tmp_path
+
+
+def test_decodes_every_kind_of_odd_image(tmp_path):
+    Image.new("CMYK", (20, 10), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("P", (20, 10), 3).save(tmp_path / "palette.png")
+    Image.new("L", (20, 10), 77).save(tmp_path / "gray.png")
+    Image.new("RGBA", (20, 10), (1, 2, 3, 4)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((10, 20), 65535 // 2, dtype=np.uint16)).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    _rgb(40, 30).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("RGB", (5000, 50), (9, 9, 9)).save(tmp_path / "huge.jpg")
+    shapes = {p.name: decode_image(p).shape for p in sorted(tmp_path.iterdir())}
+    assert shapes["cmyk.jpg"] == shapes["palette.png"] == shapes["gray.png"] == shapes["rgba.png"] == (3, 10, 20)
+    assert shapes["rotated.jpg"] == (3, 40, 30)
+    assert max(shapes["huge.jpg"]) <= 4096
+    deep = decode_image(tmp_path / "deep.png")
+    assert abs(int(deep[0, 0, 0]) - 127) <= 1  # 16-bit mid-grey becomes 8-bit mid-grey, not clipped white
+    assert decode_image(tmp_path / "gray.png")[:, 0, 0].tolist() == [77, 77, 77]
+
+
+def test_folder_source_classes_and_bad_files(messy_folder):
+    src = open_source(messy_folder)
+    assert isinstance(src, FolderSource) and src.classes == ["cats", "dogs"]
+    assert len(src) == 5  # notes.txt is not listed
+    loaded = {src.path(i).split("/")[-1]: src.load(i) for i in range(len(src))}
+    assert {k for k, v in loaded.items() if v is None} == {"empty.jpg", "truncated.jpg", "text.png"}
+    assert {src.label(i) for i in range(len(src))} == {0, 1}
+
+
+def test_unreadable_folder_is_an_early_clear_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(NoImagesError, match="can be decoded"):
+        open_source(tmp_path).check_readable()
+    (tmp_path / "a.jpg").unlink()
+    with pytest.raises(NoImagesError, match="no images found"):
+        open_source(tmp_path).check_readable()
+
+
+def test_list_and_tar_sources(tmp_path):
+    for i in range(3):
+        _rgb(seed=i).save(tmp_path / f"{i}.png")
+    (tmp_path / "l.csv").write_text("path,label\n0.png,2\n1.png,5\n")
+    src = open_source(tmp_path / "l.csv")
+    assert isinstance(src, ListSource) and [src.label(i) for i in range(2)] == [2, 5]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i in range(3):
+            tar.add(tmp_path / f"{i}.png", arcname=f"sample{i}.png")
+            data = str(i).encode()
+            info = tarfile.TarInfo(f"sample{i}.cls")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards = open_source(str(tmp_path / "shard-*.tar"))
+    assert isinstance(shards, TarShardSource) and len(shards) == 3
+    assert torch.equal(shards.load(1), decode_image(tmp_path / "1.png")) and shards.label(2) == 2
+    with pytest.raises(ValueError, match="valid: folder, list, tar, synthetic"):
+        open_source(tmp_path, source="imagenet")
+
+
+def test_sampler_shards_ranks_like_one_big_batch_and_resumes():
+    one = StepBatchSampler(50, 8, seed=3)
+    ranks = [StepBatchSampler(50, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for step in range(10):
+        assert one.batch_at(step) == ranks[0].batch_at(step) + ranks[1].batch_at(step)
+    resumed = iter(StepBatchSampler(50, 8, seed=3, start_step=4))
+    assert next(resumed) == one.batch_at(4)
+    epoch = [ref.index for step in range(25) for ref in one.batch_at(step)][:50]
+    assert sorted(epoch) == list(range(50))  # an epoch visits every image once
+
+
+def test_crop_set_choice_is_shared_by_ranks_and_follows_probabilities():
+    probs = (0.3, 0.3, 0.3, 0.05, 0.05)
+    a = StepBatchSampler(10, 2, crop_set_probs=probs, rank=0, world_size=2)
+    b = StepBatchSampler(10, 2, crop_set_probs=probs, rank=1, world_size=2)
+    choices = [a.crop_set_at(s) for s in range(4000)]
+    assert choices == [b.crop_set_at(s) for s in range(4000)]
+    freq = np.bincount(choices, minlength=5) / 4000
+    assert np.allclose(freq, probs, atol=0.03)
+
+
+def test_bad_images_are_replaced_deterministically_and_reported(messy_folder):
+    src = open_source(messy_folder)
+    ds = MultiCropDataset(src, [CropConfig(global_size=32, local_size=16, n_local=2)])
+    bad = next(i for i in range(len(src)) if src.load(i) is None)
+    sample = ds[SampleRef(bad, seed=0, crop_set=0)]
+    assert sample["skipped"] and sample["skipped"][0] == src.path(bad)
+
+
+def test_loader_batches_are_crop_major_and_resume_exactly():
+    src = SyntheticSource(n=40, size=64)
+    cfg = CropConfig(global_size=32, local_size=16, n_local=3)
+    loader = iter(build_ssl_loader(src, [cfg], batch_size=4, seed=1))
+    batches = [next(loader) for _ in range(3)]
+    b = batches[0]
+    assert b["global"].shape == (8, 3, 32, 32) and b["local"].shape == (12, 3, 16, 16)
+    assert b["collated_masks"].shape == (8, 4) and b["n_masked_patches"].item() == len(b["mask_indices_list"])
+    # Crop-major: the first B rows are crop 0 of each image, rows B.. are crop 1 of the same images.
+    ds = MultiCropDataset(src, [cfg])
+    refs = StepBatchSampler(40, 4, seed=1).batch_at(0)
+    first = ds[refs[1]]
+    assert torch.equal(b["global"][1], first["global"][0]) and torch.equal(b["global"][5], first["global"][1])
+    assert torch.equal(b["local"][4 + 1], first["local"][1])
+    resumed = next(iter(build_ssl_loader(src, [cfg], batch_size=4, seed=1, start_step=2)))
+    for key in ("global", "local", "collated_masks", "labels"):
+        assert torch.equal(resumed[key], batches[2][key])
+
+
+def test_loader_with_workers_matches_in_process():
+    src = SyntheticSource(n=20, size=48)
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2)
+    a = next(iter(build_ssl_loader(src, [cfg], batch_size=2, seed=5)))
+    b = next(iter(build_ssl_loader(src, [cfg], batch_size=2, seed=5, num_workers=2)))
+    assert torch.equal(a["global"], b["global"]) and torch.equal(a["collated_masks"], b["collated_masks"])
+
+
+@pytest.mark.parametrize("policy,blur,solarize", [(GLOBAL_1, 0.0, 0.0), (GLOBAL_2, 0.9, 0.2), (LOCAL, 0.5, 0.0)])
+def test_photometric_probabilities_match_the_official_recipe(policy, blur, solarize):
+    p = sample_photometric_params(20000, policy, torch.Generator().manual_seed(0))
+    assert p["jitter"].float().mean().item() == pytest.approx(0.8, abs=0.015)
+    assert p["grayscale"].float().mean().item() == pytest.approx(0.2, abs=0.015)
+    assert p["blur"].float().mean().item() == pytest.approx(blur, abs=0.015)
+    assert p["solarize"].float().mean().item() == pytest.approx(solarize, abs=0.015)
+    f = p["factors"]
+    assert f[:, 0].min() >= 0.6 and f[:, 0].max() <= 1.4 and f[:, 2].min() >= 0.8 and f[:, 3].abs().max() <= 0.1
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
+    assert sorted(p["order"][0].tolist()) == [0, 1, 2, 3]
+
+
+def test_photometric_operations_do_what_they_say():
+    x = torch.rand(6, 3, 16, 16)
+    none = {k: v for k, v in sample_photometric_params(6, LOCAL).items()}
+    none.update(jitter=torch.zeros(6, dtype=torch.bool), grayscale=torch.zeros(6, dtype=torch.bool),
+                blur=torch.zeros(6, dtype=torch.bool), solarize=torch.zeros(6, dtype=torch.bool))  # fmt: skip
+    identity = photometric(x, LOCAL, (0, 0, 0), (1, 1, 1), params=none)
+    assert torch.allclose(identity, x)
+    gray = photometric(x, LOCAL, (0, 0, 0), (1, 1, 1), params={**none, "grayscale": torch.ones(6, dtype=torch.bool)})
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    blurred = photometric(x, LOCAL, (0, 0, 0), (1, 1, 1), params={**none, "blur": torch.ones(6, dtype=torch.bool)})
+    assert blurred.std() < x.std()
+    solar = photometric(x, GLOBAL_2, (0, 0, 0), (1, 1, 1), params={**none, "solarize": torch.ones(6, dtype=torch.bool)})
+    assert torch.allclose(solar, torch.where(x >= 128 / 255, 1 - x, x))
+
+
+def test_random_resized_crop_scales_and_flips():
+    img = torch.zeros(3, 300, 400, dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    fractions = []
+    for _ in range(2000):
+        top, left, h, w = _rrc_params(img, (0.05, 0.32), g)
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+        fractions.append(h * w / (300 * 400))
+    assert 0.045 <= min(fractions) and max(fractions) <= 0.33 and np.mean(fractions) == pytest.approx(0.185, abs=0.02)
+    ramp = torch.arange(64, dtype=torch.uint8).repeat(3, 64, 1)
+    no_flip = MultiCrop(
+        CropConfig(global_size=32, local_size=16, n_local=2, horizontal_flips=False, global_scale=(1, 1))
+    )
+    crops = no_flip.geometric(ramp, g)["global"]
+    assert (crops[:, 0, :, -1].float() > crops[:, 0, :, 0].float()).all()  # never flipped
+
+
+def test_gram_crops_are_the_undistorted_base_crop_at_a_larger_size():
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2, gram_size=64)
+    img = torch.from_numpy(np.array(_rgb(120, 90))).permute(2, 0, 1).contiguous()
+    crops = MultiCrop(cfg).geometric(img, torch.Generator().manual_seed(0))
+    assert crops["gram"].shape == (2, 3, 64, 64)
+    down = torch.nn.functional.interpolate(crops["gram"].float(), size=32, mode="bilinear", antialias=True)
+    assert (down - crops["global"].float()).abs().mean() < 12  # same content at two sizes
+    out = MultiCrop(cfg).photometric(crops)
+    assert out["gram"].shape == (2, 3, 64, 64) and out["global"].dtype == torch.float32
