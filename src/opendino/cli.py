@@ -119,8 +119,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.size < 16:
         raise UsageError(f"--n {args.n} / --size {args.size}: need n >= 1 and size >= 16")
-    root = write_image_folder(args.out, n=args.n, size=args.size, split=args.split, seed=args.seed)
-    print(f"wrote {args.n} {args.size}x{args.size} scenes to {root}/<class>/")
+    root = write_image_folder(args.out, n=args.n, size=args.size, split=args.split, seed=args.seed, pairs=args.pairs)
+    print(f"wrote {args.n} {args.size}x{args.size} scenes with dense labels to {root}/<class>/ (docs/data.md)")
     return 0
 
 
@@ -172,12 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    q = data_sub.add_parser("synth", help="write synthetic scenes as an image folder (<split>/<class>/*.png)")
+    q = data_sub.add_parser(
+        "synth", help="write synthetic scenes with dense labels as an image folder (<split>/<class>/*.png)"
+    )
     q.add_argument("--out", required=True)
     q.add_argument("--n", type=int, default=256)
     q.add_argument("--size", type=int, default=128)
     q.add_argument("--split", choices=("train", "val", "test"), default="train")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--pairs", action="store_true", help="also a second view and its correspondences")
     q.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
