@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 
 import numpy as np
@@ -194,10 +195,10 @@ def test_photometric_operations_do_what_they_say():
 
 def test_random_resized_crop_scales_and_flips():
     img = torch.zeros(3, 300, 400, dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     fractions = []
     for _ in range(2000):
-        top, left, h, w = _rrc_params(img, (0.05, 0.32), g)
+        top, left, h, w = _rrc_params(img, (0.05, 0.32), rng)
         assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
         fractions.append(h * w / (300 * 400))
     assert 0.045 <= min(fractions) and max(fractions) <= 0.33 and np.mean(fractions) == pytest.approx(0.185, abs=0.02)
@@ -205,7 +206,7 @@ def test_random_resized_crop_scales_and_flips():
     no_flip = MultiCrop(
         CropConfig(global_size=32, local_size=16, n_local=2, horizontal_flips=False, global_scale=(1, 1))
     )
-    crops = no_flip.geometric(ramp, g)["global"]
+    crops = no_flip.geometric(ramp, torch.Generator().manual_seed(0))["global"]
     assert (crops[:, 0, :, -1].float() > crops[:, 0, :, 0].float()).all()  # never flipped
 
 
@@ -218,3 +219,16 @@ def test_gram_crops_are_the_undistorted_base_crop_at_a_larger_size():
     assert (down - crops["global"].float()).abs().mean() < 12  # same content at two sizes
     out = MultiCrop(cfg).photometric(crops)
     assert out["gram"].shape == (2, 3, 64, 64) and out["global"].dtype == torch.float32
+
+
+def test_batched_photometric_on_collated_uint8_crops():
+    src = SyntheticSource(n=10, size=64)
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2, gram_size=48)
+    batch = next(iter(build_ssl_loader(src, [cfg], batch_size=3, photometric_in_worker=False)))
+    assert batch["global"].dtype == torch.uint8 and batch["gram"].shape == (6, 3, 48, 48)
+    out = MultiCrop(cfg).photometric_collated(batch, torch.Generator().manual_seed(0))
+    assert out["global"].shape == (6, 3, 32, 32) and out["global"].dtype == torch.float32
+    assert out["local"].shape == (6, 3, 16, 16) and torch.equal(out["collated_masks"], batch["collated_masks"])
+    # Gram crops are only normalised: undo the normalisation and get the uint8 crops back.
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    assert torch.allclose((out["gram"] * std + mean) * 255, batch["gram"].float(), atol=1e-3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 
 import torch
@@ -61,30 +62,28 @@ class CropConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def _resized_crop(img: Tensor, size: int, scale: Sequence[float], flip: bool, generator) -> Tensor:
-    top, left, h, w = _rrc_params(img, scale, generator)
+def _resized_crop(img: Tensor, size: int, scale: Sequence[float], flip: bool, rng: random.Random) -> Tensor:
+    top, left, h, w = _rrc_params(img, scale, rng)
     out = TF.resized_crop(
         img, top, left, h, w, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
     )
-    if flip and torch.rand((), generator=generator) < 0.5:
+    if flip and rng.random() < 0.5:
         out = TF.horizontal_flip(out)
     return out
 
 
-def _rrc_params(img: Tensor, scale: Sequence[float], generator: torch.Generator | None) -> tuple[int, int, int, int]:
+def _rrc_params(img: Tensor, scale: Sequence[float], rng: random.Random) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop rule (10 tries, then a central crop), written out because its
-    ``get_params`` cannot take a generator and per-sample streams must be reproducible."""
+    ``get_params`` draws from torch's global generator and per-sample streams must be reproducible."""
     height, width = img.shape[-2:]
     area = height * width
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        ratio = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
+        target = area * rng.uniform(scale[0], scale[1])
+        ratio = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
     in_ratio = width / height
     if in_ratio < 3 / 4:
         w, h = width, round(width / (3 / 4))
@@ -102,13 +101,15 @@ class MultiCrop:
     def geometric(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """uint8 ``[3, H, W]`` -> uint8 ``global [2, 3, S, S]``, ``local [n, 3, s, s]`` (+ ``gram``)."""
         c = self.config
+        # Crop parameters are cheap scalars: one Python stream per image, seeded from the torch generator.
+        rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
         base_size = max(c.global_size, c.gram_size or 0)
-        bases = [_resized_crop(img, base_size, c.global_scale, c.horizontal_flips, generator) for _ in range(2)]
+        bases = [_resized_crop(img, base_size, c.global_scale, c.horizontal_flips, rng) for _ in range(2)]
         out = {"global": torch.stack([_resize(b, c.global_size) for b in bases])}
         if c.gram_size:
             out["gram"] = torch.stack([_resize(b, c.gram_size) for b in bases])
         out["local"] = torch.stack(
-            [_resized_crop(img, c.local_size, c.local_scale, c.horizontal_flips, generator) for _ in range(c.n_local)]
+            [_resized_crop(img, c.local_size, c.local_scale, c.horizontal_flips, rng) for _ in range(c.n_local)]
         )
         return out
 
@@ -134,6 +135,19 @@ class MultiCrop:
                     *out["global"].shape[:-2], *size
                 )
         return out
+
+    def photometric_collated(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict:
+        """``photometric`` on a collated crop-major batch (``global`` ``[2B, 3, S, S]``: crop 1 of every
+        image, then crop 2), e.g. uint8 crops moved to the GPU by the training loop."""
+        crops = {k: batch[k] for k in ("global", "local", "gram") if k in batch}
+        crops["global"] = crops["global"].unflatten(0, (2, -1)).transpose(0, 1)  # [B, 2, 3, S, S]
+        if "gram" in crops:
+            crops["gram"] = crops["gram"].unflatten(0, (2, -1)).transpose(0, 1)
+        out = self.photometric(crops, generator)
+        for key in ("global", "gram"):
+            if key in out:
+                out[key] = out[key].transpose(0, 1).flatten(0, 1)
+        return {**batch, **out}
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         return self.photometric(self.geometric(img, generator), generator)
