@@ -1,0 +1,31 @@
+"""Collectives that degrade to no-ops in a single process (the losses work with or without a group)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+    """In-place sum over the group (no autograd); returns the tensor."""
+    if is_distributed(group):
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
+    """Concatenation over ranks along dim 0, differentiable (torch.distributed.nn)."""
+    if not is_distributed(group):
+        return tensor
+    from torch.distributed.nn import all_gather
+
+    return torch.cat(all_gather(tensor, group=group), dim=0)

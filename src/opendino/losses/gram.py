@@ -1,0 +1,38 @@
+"""Gram anchoring loss (recipe.md §2.6): keeps the student's patch-similarity structure close to that
+of a Gram teacher."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gram_loss(
+    student: Tensor,
+    teacher: Tensor,
+    normalize: bool = True,
+    img_level: bool = True,
+    remove_neg: bool = False,
+    remove_only_teacher_neg: bool = False,
+) -> Tensor:
+    """MSE between the Gram matrices of student and teacher patch features ``[B, N, D]``.
+
+    ``img_level``: one ``N x N`` Gram per image; otherwise one over all ``B*N`` tokens of the batch.
+    ``remove_neg`` zeroes the negative entries of both Grams, ``remove_only_teacher_neg`` those of the
+    teacher (the official rule also zeroes student entries where both are negative, which can no longer
+    happen once the teacher is clamped).
+    """
+    s, t = student.float(), teacher.float().detach()
+    if normalize:
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    if not img_level:
+        s, t = s.flatten(0, -2), t.flatten(0, -2)
+    gram_s = s @ s.transpose(-1, -2)
+    gram_t = t @ t.transpose(-1, -2)
+    if remove_neg:
+        gram_s = torch.where(gram_s < 0, torch.zeros_like(gram_s), gram_s)
+        gram_t = gram_t.clamp(min=0)
+    elif remove_only_teacher_neg:
+        gram_t = gram_t.clamp(min=0)
+    return F.mse_loss(gram_s, gram_t)

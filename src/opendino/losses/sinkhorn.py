@@ -1,0 +1,56 @@
+"""Teacher centring: Sinkhorn-Knopp (the DINOv3 recipe) and the softmax centring of DINO / DINOv2.
+
+Sinkhorn-Knopp (recipe.md §2.2) turns teacher logits ``[M, K]`` into targets whose rows sum to one and
+whose prototypes are used equally over the whole (distributed) batch: ``exp(logits / T)`` without max
+subtraction, then alternating prototype and sample normalisation, three iterations; prototype sums are
+all-reduced over the group, so every rank sees the same marginals.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from opendino.losses.distributed import all_reduce_sum, world_size
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    logits: Tensor, teacher_temp: float, n_iterations: int = 3, n_samples: Tensor | None = None, group=None
+) -> Tensor:
+    """Centred teacher targets ``[M, K]``. ``n_samples``: this rank's number of samples when it differs
+    from ``M`` (iBOT passes its masked-token count); it is summed over the group."""
+    q = torch.exp(logits.float() / teacher_temp).t()  # [K, M]
+    n_prototypes = q.shape[0]
+    if n_samples is None:
+        total = q.shape[1] * world_size(group)
+    else:
+        total = all_reduce_sum(n_samples.detach().clone().float(), group)
+    q /= all_reduce_sum(q.sum(), group)
+    for _ in range(n_iterations):
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True), group)  # each prototype gets 1/K of the mass
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)  # each sample gets 1/total of the mass
+        q /= total
+    q *= total
+    return q.t()
+
+
+class SoftmaxCenter(nn.Module):
+    """Softmax centring with an EMA centre (DINO / DINOv2). Not used by the DINOv3 recipe, kept for
+    ablations; its ``center`` buffer exists in official checkpoints."""
+
+    def __init__(self, out_dim: int, momentum: float = 0.9, shape: tuple[int, ...] = (1,)) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(*shape, out_dim))
+
+    @torch.no_grad()
+    def probs(self, logits: Tensor, teacher_temp: float) -> Tensor:
+        return torch.softmax((logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, group=None) -> None:
+        rows = logits.float().reshape(-1, logits.shape[-1])
+        batch_center = all_reduce_sum(rows.sum(dim=0), group) / (rows.shape[0] * world_size(group))
+        self.center.mul_(self.momentum).add_(batch_center.view_as(self.center), alpha=1 - self.momentum)
