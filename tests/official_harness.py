@@ -340,14 +340,9 @@ def check_losses(data: dict) -> None:
             **terms,
         )
         assert_close(total, ref["total"], f"{key}.total", grad=True)
+        names = {"dino_local": "dino_local_crops_loss", "dino_global": "dino_global_crops_loss"}
         for name, value in terms.items():
-            assert_close(
-                value,
-                t[f"{name}_loss" if name != "dino_local" else "dino_local_crops_loss"]
-                if name not in ("dino_global",)
-                else t["dino_global_crops_loss"],
-                f"{key}.{name}",
-            )
+            assert_close(value, t[names.get(name, f"{name}_loss")], f"{key}.terms.{name}")
 
 
 CHECKERS: dict[str, Callable[[dict], None]] = {
