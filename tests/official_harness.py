@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from opendino.config import apply_overrides, load_yaml
 from opendino.data.collate import collate_masks
 from opendino.data.masking import BlockMaskGenerator
 from opendino.losses import (
@@ -32,6 +33,16 @@ from opendino.losses import (
 from opendino.models.convnext import ConvNeXt
 from opendino.models.heads import DINOHead
 from opendino.models.vit import DinoVisionTransformer
+from opendino.train.schedules import (
+    V1Settings,
+    build_schedules_v1,
+    build_schedules_v2,
+    cosine_schedule,
+    linear_warmup_cosine_decay,
+    scale_lr,
+    schedule_specs,
+)
+from tests.conftest import REPO
 
 OUTPUT_ATOL = 1e-5
 GRAD_TOL = 1e-5  # absolute, or relative to the largest expected magnitude when that exceeds 1
@@ -345,6 +356,78 @@ def check_losses(data: dict) -> None:
             assert_close(value, t[names.get(name, f"{name}_loss")], f"{key}.terms.{name}")
 
 
+# The v2 entries are the official stage configs; ours are the presets in configs/stages.
+STAGE_PRESETS = {"pretrain": "pretrain", "gram_anchor": "gram", "high_res_adapt": "hires"}
+OFFICIAL_KEY_NAMES = {
+    "train.OFFICIAL_EPOCH_LENGTH": "train.epoch_length",
+    "train.batch_size_per_gpu": "train.batch_size",
+}
+
+
+def _stage_schedules(preset: str, overrides=(), divide_epochs_by: int = 1, world_size: int = 1):
+    cfg = load_yaml(REPO / "configs" / "stages" / f"{preset}.yaml")
+    renamed = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        renamed.append(f"{OFFICIAL_KEY_NAMES.get(key, key)}={value}")
+    cfg = apply_overrides(cfg, renamed)
+    specs = schedule_specs(cfg["schedules"])
+    epochs = cfg["optim"]["epochs"]
+    if divide_epochs_by > 1:
+        div = lambda e: e // divide_epochs_by if e is not None and e % divide_epochs_by == 0 else e  # noqa: E731
+        epochs = div(epochs)
+        for spec in specs.values():
+            spec.warmup_epochs, spec.cosine_epochs = div(spec.warmup_epochs), div(spec.cosine_epochs)
+            spec.freeze_last_layer_epochs = div(spec.freeze_last_layer_epochs)
+    scale = scale_lr(1.0, cfg["optim"]["scaling_rule"], cfg["train"]["batch_size"], world_size)
+    return epochs, build_schedules_v2(specs, epochs, cfg["train"]["epoch_length"], scale)
+
+
+def check_schedules(data: dict) -> None:
+    for name, case in data["cosine_scheduler_direct"].items():
+        sched = cosine_schedule(**case["kwargs"])
+        assert_close(torch.from_numpy(sched.values), case["schedule"], f"cosine_scheduler_direct.{name}")
+        indexed = torch.tensor([sched[i] for i in range(len(case["indexed"]))], dtype=torch.float64)
+        assert_close(indexed, case["indexed"], f"cosine_scheduler_direct.{name}.indexed")
+    for name, case in data["linear_warmup_cosine_decay_direct"].items():
+        array = torch.from_numpy(linear_warmup_cosine_decay(**case["kwargs"]))
+        assert_close(array, case["array"], f"linear_warmup_cosine_decay_direct.{name}")
+    for name, case in data["v1"].items():
+        o, t = case["cfg_optim"], case["cfg_teacher"]
+        settings = V1Settings(
+            o["epochs"], o["lr"], o["min_lr"], o["warmup_epochs"], o["weight_decay"], o["weight_decay_end"],
+            t["momentum_teacher"], t["final_momentum_teacher"], t["warmup_teacher_temp"], t["teacher_temp"],
+            t["warmup_teacher_temp_epochs"], o["freeze_last_layer_epochs"], o["schedule_trunc_extra"],
+        )  # fmt: skip
+        scaled = scale_lr(case["lr_before_scaling"], o["scaling_rule"], case["batch_size_per_gpu"], case["world_size"])
+        assert abs(scaled - case["lr_after_scaling"]) < 1e-15, f"v1.{name}.lr_after_scaling"
+        schedules = build_schedules_v1(settings, case["OFFICIAL_EPOCH_LENGTH"])
+        for key, expected in case["schedule"].items():
+            ours = getattr(schedules, key)
+            assert_close(torch.from_numpy(ours.values), expected, f"v1.{name}.schedule.{key}")
+            indexed = torch.tensor([ours[i] for i in range(len(case["indexed"][key]))], dtype=torch.float64)
+            assert_close(indexed, case["indexed"][key], f"v1.{name}.indexed.{key}")
+    for name, case in data["v2"].items():
+        stage = re.sub(r"_(L\d+|div\d+_L\d+)$", "", name)
+        divide = int(m[1]) if (m := re.search(r"_div(\d+)_", name)) else 1
+        overrides = [
+            f"train.epoch_length={case['OFFICIAL_EPOCH_LENGTH']}",
+            f"train.batch_size={case['batch_size_per_gpu']}",
+            f"optim.scaling_rule={case['scaling_rule']}",
+        ]
+        epochs, schedules = _stage_schedules(STAGE_PRESETS[stage], overrides, divide, case["world_size"])
+        assert epochs == case["epochs"], f"v2.{name}: {epochs} epochs != {case['epochs']}"
+        for key, expected in case["arrays"].items():
+            assert_close(torch.from_numpy(getattr(schedules, key).values), expected, f"v2.{name}.{key}")
+    for i, case in enumerate(data["scaling"]["v1"]):
+        lr = scale_lr(case["lr_before"], case["rule"], case["batch_size_per_gpu"], case["world_size"])
+        assert abs(lr - case["lr_after"]) <= 1e-12 * max(1.0, abs(case["lr_after"])), f"scaling.v1[{i}]"
+    for i, case in enumerate(data["scaling"]["v2"]):
+        _, schedules = _stage_schedules("pretrain", case["opts"], world_size=case["world_size"])
+        assert_close(torch.from_numpy(schedules.lr.values), case["lr"], f"scaling.v2[{i}].lr")
+        assert_close(torch.from_numpy(schedules.last_layer_lr.values), case["last_layer_lr"], f"scaling.v2[{i}].ll")
+
+
 CHECKERS: dict[str, Callable[[dict], None]] = {
     "vit": check_vit,
     "vit_train": check_vit_train,
@@ -352,10 +435,10 @@ CHECKERS: dict[str, Callable[[dict], None]] = {
     "dino_head": check_dino_head,
     "masking": check_masking,
     "losses": check_losses,
+    "schedules": check_schedules,
 }
 # Kinds whose code lands with a later issue. They are expected failures (strict: the test turns red as
 # soon as they pass, so this list must shrink), never skips.
 PENDING_KINDS: dict[str, str] = {
-    "schedules": "issue #4 (SSL recipe: schedules)",
     "param_groups": "issue #4 (SSL recipe: parameter groups)",
 }

@@ -1,0 +1,1 @@
+"""Training: schedules, parameter groups and (with the SSL recipe) the loop, checkpoints and parallelism."""

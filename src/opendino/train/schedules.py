@@ -1,0 +1,198 @@
+"""Per-iteration schedules of the official recipe (recipe.md §3.6, §3.7).
+
+v1 (``cosine_schedule``, DINOv2-style configs): optional frozen start, a linear warm-up that includes
+its end point, then a cosine to ``final`` that never quite reaches it (with ``trunc_extra > 0``: the
+first part of a longer cosine, rescaled to end exactly at ``final``); past the end, ``final``.
+v2 (``linear_warmup_cosine_decay``, all DINOv3 configs): a warm-up that excludes its end point, a cosine
+from ``peak`` to ``end`` over ``cosine_iterations`` (or the rest) that reaches ``end``, then constant.
+An "epoch" is ``epoch_length`` iterations (the official ``OFFICIAL_EPOCH_LENGTH``), unrelated to the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+
+
+def scale_lr(lr: float, rule: str, batch_size_per_rank: int, world_size: int) -> float:
+    """The learning-rate scaling rule on the global batch."""
+    global_batch = batch_size_per_rank * world_size
+    if rule == "sqrt_wrt_1024":
+        return lr * 4 * math.sqrt(global_batch / 1024)
+    if rule == "linear_wrt_256":
+        return lr * global_batch / 256
+    if rule == "none":
+        return lr
+    raise ValueError(f"scaling_rule={rule!r}; valid: {', '.join(SCALING_RULES)}")
+
+
+class Schedule:
+    """A per-iteration array that holds its final value past its end."""
+
+    def __init__(self, values: np.ndarray, final_value: float | None = None) -> None:
+        self.values = np.asarray(values, dtype=np.float64)
+        self.final_value = float(self.values[-1] if final_value is None else final_value)
+
+    def __getitem__(self, it: int) -> float:
+        return float(self.values[it]) if it < len(self.values) else self.final_value
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def cosine_schedule(
+    base_value: float,
+    final_value: float,
+    total_iters: int,
+    warmup_iters: int = 0,
+    start_warmup_value: float = 0.0,
+    freeze_iters: int = 0,
+    trunc_extra: float = 0.0,
+) -> Schedule:
+    """The v1 schedule."""
+    freeze = np.zeros(freeze_iters)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    n = total_iters - warmup_iters - freeze_iters
+    if n <= 0:
+        cosine = np.zeros(0)
+    elif trunc_extra == 0.0:
+        cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * np.arange(n) / n))
+    else:
+        raw = 0.5 * (1 + np.cos(np.linspace(0, np.pi, int((1 + trunc_extra) * n))))[:n]
+        raw = (raw - raw.min()) / (raw.max() - raw.min())
+        cosine = final_value + (base_value - final_value) * raw
+    return Schedule(np.concatenate([freeze, warmup, cosine]), final_value)
+
+
+def linear_warmup_cosine_decay(
+    start: float,
+    peak: float,
+    end: float,
+    warmup_iterations: int,
+    total_iterations: int,
+    cosine_iterations: int | None = None,
+) -> np.ndarray:
+    """The v2 schedule (``peak = 0 < end`` gives a cosine ramp-up)."""
+    warmup = np.linspace(start, peak, warmup_iterations, endpoint=False)
+    n_cosine = total_iterations - warmup_iterations if cosine_iterations is None else cosine_iterations
+    cosine = (peak - end) * (np.cos(np.linspace(0, np.pi, n_cosine)) + 1) / 2 + end
+    constant = np.full(max(total_iterations - warmup_iterations - n_cosine, 0), end)
+    return np.concatenate([warmup, cosine, constant])[:total_iterations]
+
+
+@dataclasses.dataclass
+class ScheduleSpec:
+    """One v2 schedule in epochs (as in the stage presets)."""
+
+    start: float
+    peak: float
+    end: float
+    warmup_epochs: float = 0
+    cosine_epochs: float | None = None
+    freeze_last_layer_epochs: float = 0
+
+    def array(self, total_epochs: float, epoch_length: int, scale: float = 1.0) -> np.ndarray:
+        """``scale`` multiplies ``peak`` and ``end`` (the lr scaling rule; not ``start``)."""
+        return linear_warmup_cosine_decay(
+            self.start,
+            self.peak * scale,
+            self.end * scale,
+            int(self.warmup_epochs * epoch_length),
+            int(total_epochs * epoch_length),
+            None if self.cosine_epochs is None else int(self.cosine_epochs * epoch_length),
+        )
+
+
+@dataclasses.dataclass
+class Schedules:
+    """Everything the loop reads per iteration."""
+
+    lr: Schedule
+    last_layer_lr: Schedule
+    weight_decay: Schedule
+    momentum: Schedule
+    teacher_temp: Schedule
+    dino_local_loss_weight: Schedule | None = None
+    gram_loss_weight: Schedule | None = None
+
+
+def build_schedules_v2(
+    specs: dict[str, ScheduleSpec],
+    epochs: float,
+    epoch_length: int,
+    lr_scale: float,
+) -> Schedules:
+    """From the ``schedules`` section of a stage preset (keys ``lr``, ``weight_decay``, ``momentum``,
+    ``teacher_temp`` and optionally ``dino_local_loss_weight``, ``gram_loss_weight``)."""
+    arrays = {k: spec.array(epochs, epoch_length, lr_scale if k == "lr" else 1.0) for k, spec in specs.items()}
+    last_layer = arrays["lr"].copy()
+    last_layer[: int(specs["lr"].freeze_last_layer_epochs * epoch_length)] = 0
+    optional = {k: Schedule(arrays[k]) for k in ("dino_local_loss_weight", "gram_loss_weight") if k in arrays}
+    return Schedules(
+        lr=Schedule(arrays["lr"]),
+        last_layer_lr=Schedule(last_layer),
+        weight_decay=Schedule(arrays["weight_decay"]),
+        momentum=Schedule(arrays["momentum"]),
+        teacher_temp=Schedule(arrays["teacher_temp"]),
+        **optional,
+    )
+
+
+def schedule_specs(section: dict) -> dict[str, ScheduleSpec]:
+    """``ScheduleSpec`` objects from the ``schedules`` section of a preset (a mapping of mappings)."""
+    fields = {f.name for f in dataclasses.fields(ScheduleSpec)}
+    specs = {}
+    for name, values in section.items():
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"schedules.{name}: unknown keys {sorted(unknown)}; valid: {sorted(fields)}")
+        specs[name] = ScheduleSpec(**values)
+    return specs
+
+
+@dataclasses.dataclass
+class V1Settings:
+    """The v1 (``optim`` / ``teacher``) keys of DINOv2-style configs such as the ImageNet fast setup."""
+
+    epochs: float
+    lr: float  # already scaled
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+    final_momentum_teacher: float
+    warmup_teacher_temp: float
+    teacher_temp: float
+    warmup_teacher_temp_epochs: float
+    freeze_last_layer_epochs: float
+    schedule_trunc_extra: float = 0.0
+
+
+def build_schedules_v1(s: V1Settings, epoch_length: int) -> Schedules:
+    total = int(s.epochs * epoch_length)
+    warmup = int(s.warmup_epochs * epoch_length)
+    lr = cosine_schedule(s.lr, s.min_lr, total, warmup, trunc_extra=s.schedule_trunc_extra)
+    last_layer = cosine_schedule(s.lr, s.min_lr, total, warmup, trunc_extra=s.schedule_trunc_extra)
+    last_layer.values[: int(s.freeze_last_layer_epochs * epoch_length)] = 0
+    temp_iters = int(s.warmup_teacher_temp_epochs * epoch_length)
+    return Schedules(
+        lr=lr,
+        last_layer_lr=last_layer,
+        weight_decay=cosine_schedule(s.weight_decay, s.weight_decay_end, total, trunc_extra=s.schedule_trunc_extra),
+        momentum=cosine_schedule(
+            s.momentum_teacher, s.final_momentum_teacher, total, trunc_extra=s.schedule_trunc_extra
+        ),
+        teacher_temp=cosine_schedule(
+            s.teacher_temp,
+            s.teacher_temp,
+            temp_iters,
+            temp_iters,
+            s.warmup_teacher_temp,
+            trunc_extra=s.schedule_trunc_extra,
+        ),  # fmt: skip
+    )
