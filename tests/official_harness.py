@@ -33,6 +33,7 @@ from opendino.losses import (
 from opendino.models.convnext import ConvNeXt
 from opendino.models.heads import DINOHead
 from opendino.models.vit import DinoVisionTransformer
+from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.schedules import (
     V1Settings,
     build_schedules_v1,
@@ -428,6 +429,43 @@ def check_schedules(data: dict) -> None:
         assert_close(torch.from_numpy(schedules.last_layer_lr.values), case["last_layer_lr"], f"scaling.v2[{i}].ll")
 
 
+def check_param_groups(data: dict) -> None:
+    backbone = DinoVisionTransformer(**data["model_kwargs"])
+    heads = {name: DINOHead(**kw) for name, kw in data["head_kwargs"].items()}
+    student = {"backbone": backbone, **heads}
+    student = {name: student[name] for name in data.get("student_order", list(student))}
+    for case_name, case in data["cases"].items():
+        optim = case["optim"]
+        settings = param_settings(student, optim["layerwise_decay"], optim["patch_embed_lr_mult"])
+        where = f"cases.{case_name}"
+        if not optim["multi_tensor_optim"]:
+            ours = [(s.name, s.lr_multiplier, s.wd_multiplier, s.is_last_layer) for s in settings]
+            ref = [(g["param"], g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in case["groups"]]
+            assert [o[0] for o in ours] == [r[0] for r in ref], f"{where}: parameter order differs"
+            for o, r in zip(ours, ref, strict=True):
+                assert abs(o[1] - r[1]) < 1e-12 and o[2:] == r[2:], f"{where}.{o[0]}: {o[1:]} != {r[1:]}"
+        else:
+            groups = param_groups(settings, fuse=True)
+            assert len(groups) == len(case["groups"]), f"{where}: {len(groups)} groups != {len(case['groups'])}"
+            for i, (g, r) in enumerate(zip(groups, case["groups"], strict=True)):
+                assert g["names"] == list(r["params"]), f"{where}.groups[{i}] params"
+                assert abs(g["lr_multiplier"] - r["lr_multiplier"]) < 1e-12, f"{where}.groups[{i}].lr_multiplier"
+                assert (g["wd_multiplier"], g["is_last_layer"]) == (r["wd_multiplier"], r["is_last_layer"])
+        applied = case.get("apply_optim_scheduler")
+        if applied:
+            lr, wd, last = 2e-3, 0.05, 1e-3  # the recorded call
+            assert "lr=2e-3, wd=0.05, last_layer_lr=1e-3" in applied["call"], applied["call"]
+            optimizer = build_optimizer(param_groups(settings, fuse=False), tuple(applied["betas"]))
+            apply_schedules(optimizer, lr, wd, last)
+            for group in optimizer.param_groups:
+                for name in group["names"]:
+                    ref = applied["per_param"][name]
+                    assert (
+                        abs(group["lr"] - ref["lr"]) < 1e-15
+                        and abs(group["weight_decay"] - ref["weight_decay"]) < 1e-15
+                    ), name
+
+
 CHECKERS: dict[str, Callable[[dict], None]] = {
     "vit": check_vit,
     "vit_train": check_vit_train,
@@ -436,9 +474,13 @@ CHECKERS: dict[str, Callable[[dict], None]] = {
     "masking": check_masking,
     "losses": check_losses,
     "schedules": check_schedules,
+    "param_groups": check_param_groups,
 }
-# Kinds whose code lands with a later issue. They are expected failures (strict: the test turns red as
-# soon as they pass, so this list must shrink), never skips.
-PENDING_KINDS: dict[str, str] = {
-    "param_groups": "issue #4 (SSL recipe: parameter groups)",
-}
+
+
+def check_file(path) -> None:
+    """Loads a fixture file and runs the checker of its kind; an unknown kind is a failure."""
+    data = torch.load(path, weights_only=True, map_location="cpu")
+    kind = data.get("kind")
+    assert kind in CHECKERS, f"{path}: no checker for kind {kind!r}; known: {sorted(CHECKERS)}"
+    CHECKERS[kind](data)
