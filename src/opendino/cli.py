@@ -124,6 +124,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from opendino.config import ConfigError
+    from opendino.train.config import load_train_config
+    from opendino.train.trainer import Trainer
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    run_dir = Trainer(cfg).run()
+    print(f"finished: {run_dir} (teacher: {run_dir / 'teacher.safetensors'}, metrics: {run_dir / 'metrics.jsonl'})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opendino.demo import run_demo
 
@@ -182,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--pairs", action="store_true", help="also a second view and its correspondences")
     q.set_defaults(func=cmd_data)
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain (or continue) a model with the SSL recipe",
+        description="Run the student-teacher recipe from a YAML preset (configs/demo, configs/stages, ...) with "
+        "dotted overrides, e.g. `opendino train configs/demo/pretrain.yaml run.dir=runs/x train.steps=100 "
+        "data.path=/my/images`. A folder with checkpoints resumes where it stopped.",
+    )
+    p.add_argument("config", help="YAML preset")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides (run.dir, data.path, model.arch, train.steps, ...)"
+    )
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")

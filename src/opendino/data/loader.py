@@ -179,4 +179,6 @@ def build_ssl_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: creating the iterator must not draw from the global stream (exact resume).
+        generator=torch.Generator().manual_seed(seed),
     )

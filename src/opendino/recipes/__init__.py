@@ -1,0 +1,1 @@
+"""Student-teacher recipes: SSL pretraining (and, with later stages, Gram anchoring and distillation)."""

@@ -1,0 +1,96 @@
+"""The DINOv3 student-teacher recipe: DINO + iBOT + KoLeo with Sinkhorn-Knopp centring (recipe.md §2-3).
+
+One ``step`` computes the loss of a collated batch: the EMA teacher (eval mode, no grad) sees the 2
+unmasked global crops; the student sees the masked global crops and the local crops in one call; the
+DINO head runs on all student CLS tokens at once and the iBOT head on the masked patch tokens. Every
+quantity stays on the device (no host synchronisation inside the step).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from opendino.losses import LossWeights, dino_loss, ibot_loss_masked, koleo_loss, sinkhorn_knopp, total_loss
+from opendino.models import DINOHead, build_model
+from opendino.train.config import TrainConfig
+
+N_GLOBAL = 2
+
+
+def build_student(cfg: TrainConfig) -> nn.ModuleDict:
+    backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
+    dim = backbone.embed_dim
+    heads = {
+        name: DINOHead(dim, h.prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers)
+        for name, h in (("dino_head", cfg.dino_head), ("ibot_head", cfg.ibot_head))
+    }
+    return nn.ModuleDict({"backbone": backbone, **heads})
+
+
+class SSLRecipe(nn.Module):
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = build_student(cfg)
+        self.teacher = copy.deepcopy(self.student)  # identical start, as the official recipe
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()  # no drop path, no RoPE augmentation, ever
+        self.weights = LossWeights(cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight,
+                                   cfg.loss.global_ignore_diagonal)  # fmt: skip
+
+    def train(self, mode: bool = True) -> SSLRecipe:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor]:
+        out = self.teacher.backbone.forward_features(batch["global"])
+        cls = self.teacher.dino_head(out["x_norm_clstoken"])  # [2B, K], crop-major
+        cls_probs = sinkhorn_knopp(cls, teacher_temp, self.cfg.loss.sinkhorn_iterations).unflatten(0, (N_GLOBAL, -1))
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        patch_probs = sinkhorn_knopp(
+            self.teacher.ibot_head(patches), teacher_temp, self.cfg.loss.sinkhorn_iterations,
+            n_samples=batch["n_masked_patches"],
+        )  # fmt: skip
+        return cls_probs, patch_probs
+
+    def forward(self, batch: dict, teacher_temp: float, dino_local_weight: float = 1.0) -> tuple[Tensor, dict]:
+        """The total loss and its terms (tensors) for a collated batch already on the device."""
+        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp)
+        masks = batch["collated_masks"]
+        glob, loc = self.student.backbone.forward_features([batch["global"], batch["local"]], masks=[masks, None])
+        n_global_rows = glob["x_norm_clstoken"].shape[0]
+        logits = self.student.dino_head(torch.cat([glob["x_norm_clstoken"], loc["x_norm_clstoken"]]))
+        global_logits = logits[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
+        local_logits = logits[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
+        temp = self.cfg.loss.student_temp
+        terms = {
+            "dino_local": dino_loss(local_logits, cls_probs, temp),
+            "dino_global": dino_loss(
+                global_logits, cls_probs, temp, ignore_diagonal=self.weights.global_ignore_diagonal
+            ),
+            "koleo": sum(koleo_loss(c) for c in glob["x_norm_clstoken"].chunk(N_GLOBAL)) / N_GLOBAL,
+        }
+        patches = glob["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
+        terms["ibot"] = ibot_loss_masked(self.student.ibot_head(patches), patch_probs, masks,
+                                         batch["masks_weight"], temp)  # fmt: skip
+        n_local = local_logits.shape[0]
+        loss = total_loss(self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, **terms)
+        return loss, terms
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the parameters (buffers are constant); one fused multi-tensor update."""
+        student = [p for p in self.student.parameters()]
+        teacher = [p for p in self.teacher.parameters()]
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+    def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
+        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe."""
+        return {
+            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm) for name, module in self.student.items()
+        }

@@ -1,0 +1,169 @@
+"""The typed configuration of a training run, loaded from YAML presets with ``a.b=c`` overrides.
+
+A preset may name another with ``base: <path relative to it>``; it is merged first. The defaults below are
+the official recipe's (recipe.md §4.1, DINOv3 heads and schedules of §4.2); presets change what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from opendino.config import ConfigError, apply_overrides, build, load_yaml, merge, to_dict
+
+
+@dataclasses.dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str | None = None  # folder | list | tar | synthetic; None: detected from `path`
+    path: str | None = None
+    synthetic_n: int = 100_000
+    synthetic_size: int = 128
+    num_workers: int = 0
+    photometric_on_device: bool = False  # collate uint8 crops, distort them batched on the device
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = "vit_large"  # a name of `opendino models`
+    kwargs: dict = dataclasses.field(default_factory=dict)  # constructor overrides (custom sizes)
+    drop_path_rate: float = 0.3
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+@dataclasses.dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, ...] = (0.32, 1.0)
+    local_scale: tuple[float, ...] = (0.05, 0.32)
+    horizontal_flips: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    koleo_weight: float = 0.1
+    ibot_weight: float = 1.0
+    global_ignore_diagonal: bool = True
+    student_temp: float = 0.1
+    sinkhorn_iterations: int = 3
+    mask_ratio: tuple[float, ...] = (0.1, 0.5)
+    mask_probability: float = 0.5
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    epochs: float = 100
+    scaling_rule: str = "sqrt_wrt_1024"
+    clip_grad: float = 3.0
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+def _default_schedules() -> dict:
+    return {
+        "lr": {"start": 0.0, "peak": 1e-3, "end": 1e-6, "warmup_epochs": 10, "freeze_last_layer_epochs": 1},
+        "weight_decay": {"start": 0.04, "peak": 0.04, "end": 0.4},
+        "teacher_temp": {"start": 0.04, "peak": 0.07, "end": 0.07, "warmup_epochs": 30},
+        "momentum": {"start": 0.992, "peak": 0.992, "end": 1.0},
+    }
+
+
+@dataclasses.dataclass
+class TrainLoopConfig:
+    batch_size: int = 64  # images per rank
+    epoch_length: int = 1250
+    steps: int | None = None  # run length; default: optim.epochs * epoch_length
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 500  # steps
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class LogConfig:
+    every: int = 10  # steps
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class InitConfig:
+    backbone: str | None = None  # continue pretraining from released / earlier weights (fresh heads)
+    head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    dino_head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
+    crops: CropsConfig = dataclasses.field(default_factory=CropsConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedules: dict = dataclasses.field(default_factory=_default_schedules)
+    train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.steps if self.train.steps is not None else int(self.optim.epochs * self.train.epoch_length)
+
+
+def _read_preset(path: Path) -> dict:
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    return merge(_read_preset((path.parent / base).resolve()), data) if base else data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- preset (and its bases) <- overrides, type-checked."""
+    tree = to_dict(TrainConfig())
+    if path is not None:
+        preset = _read_preset(Path(path))
+        unknown_sections = set(preset) - set(tree)
+        if unknown_sections:
+            build(TrainConfig, {k: {} for k in unknown_sections})  # raises with the closest names
+        # `schedules` replaces the defaults as a whole: a preset's schedule set is complete.
+        schedules = preset.pop("schedules", None)
+        tree = merge(tree, preset)
+        if schedules is not None:
+            tree["schedules"] = schedules
+    tree = apply_overrides(tree, [o for o in overrides if not o.startswith("schedules.")])
+    tree = apply_overrides(tree, [o for o in overrides if o.startswith("schedules.")], allow_new=True)
+    return build(TrainConfig, tree)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+__all__ = ["ConfigError", "TrainConfig", "config_dict", "load_train_config"]

@@ -1,0 +1,198 @@
+"""The training loop: schedules, step, clipping, optimizer, EMA, logging, checkpoints, resume.
+
+It knows nothing about DINO beyond calling the recipe: ``loss, terms = recipe(batch, ...)``. A run
+lives in ``run.dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and, at
+the end, ``teacher.safetensors``. Starting a run in a folder that has checkpoints resumes it exactly
+(same data, same random numbers), so a killed run continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from opendino.data.augment import CropConfig, MultiCrop
+from opendino.data.loader import build_ssl_loader
+from opendino.data.sources import open_source
+from opendino.models import load_model, save_model
+from opendino.recipes.ssl import SSLRecipe
+from opendino.train.checkpoint import load_latest, save_checkpoint
+from opendino.train.config import TrainConfig, config_dict
+from opendino.train.logging import MetricsLog
+from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
+from opendino.train.schedules import build_schedules_v2, scale_lr, schedule_specs
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.device = resolve_device(cfg.train.device)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    def _crop_config(self) -> CropConfig:
+        c = self.cfg.crops
+        return CropConfig(c.global_size, c.local_size, c.n_local, tuple(c.global_scale), tuple(c.local_scale),
+                          c.horizontal_flips, mean=tuple(c.mean), std=tuple(c.std))  # fmt: skip
+
+    def _schedules(self):
+        cfg = self.cfg
+        scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=1)
+        return build_schedules_v2(schedule_specs(cfg.schedules), cfg.optim.epochs, cfg.train.epoch_length, scale)
+
+    def run(self) -> Path:
+        cfg, device = self.cfg, self.device
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        torch.manual_seed(cfg.train.seed)
+
+        if cfg.data.source == "synthetic" or cfg.data.path is None:
+            source = open_source(source="synthetic", n=cfg.data.synthetic_n, size=cfg.data.synthetic_size)
+        else:
+            source = open_source(cfg.data.path, cfg.data.source)
+        source.check_readable()
+        recipe = SSLRecipe(cfg).to(device)
+        settings = param_settings(recipe.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        groups = param_groups(settings)
+        optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+        schedules = self._schedules()
+
+        start, bad_steps, skipped_total = 0, 0, 0
+        resumed = load_latest(self.ckpt_dir)
+        if resumed is not None:
+            step, state = resumed
+            recipe.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            start, bad_steps, skipped_total = step + 1, state["bad_steps"], state["skipped_images"]
+            print(f"resuming {self.run_dir} after step {step}")
+        elif cfg.init.backbone:
+            self._init_backbone(recipe)
+
+        if cfg.train.compile:
+            for backbone in (recipe.student.backbone, recipe.teacher.backbone):
+                for block in getattr(backbone, "blocks", []):
+                    block.compile()
+        multicrop = MultiCrop(self._crop_config())
+        loader = build_ssl_loader(
+            source, [multicrop.config], batch_size=cfg.train.batch_size,
+            patch_size=getattr(recipe.student.backbone, "patch_size", 16), seed=cfg.train.seed, start_step=start,
+            num_workers=cfg.data.num_workers, photometric_in_worker=not cfg.data.photometric_on_device,
+            mask_ratio=tuple(cfg.loss.mask_ratio), mask_probability=cfg.loss.mask_probability,
+        )  # fmt: skip
+        batches = iter(loader)
+        log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        backbone_groups = [g for g in optimizer.param_groups if g["names"][0].startswith("backbone.")]
+        total = cfg.total_steps
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.log.progress)
+        window_start, window_images = time.perf_counter(), 0
+        recipe.train()
+        try:
+            for step in range(start, total):
+                apply_schedules(
+                    optimizer, schedules.lr[step], schedules.weight_decay[step], schedules.last_layer_lr[step]
+                )
+                if step < cfg.init.head_warmup_steps:
+                    for group in backbone_groups:
+                        group["lr"] = 0.0  # heads warm up on a frozen backbone
+                batch = _to_device(next(batches), device)
+                if cfg.data.photometric_on_device:
+                    batch = multicrop.photometric_collated(batch)
+                skipped_total += len(batch["skipped"])
+                local_weight = schedules.dino_local_loss_weight[step] if schedules.dino_local_loss_weight else 1.0
+                with autocast:
+                    loss, terms = recipe(batch, schedules.teacher_temp[step], local_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norms = recipe.clip_gradients(cfg.optim.clip_grad)
+                # The one host synchronisation of a step: a non-finite loss must not reach the weights.
+                if not torch.isfinite(loss).item():
+                    bad_steps += 1
+                    log.log({"step": step, "skipped_step": True, "loss": float("nan"), "bad_steps": bad_steps})
+                    if bad_steps >= cfg.train.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_steps} consecutive non-finite losses (last at step {step}); the last good "
+                            f"checkpoint in {self.ckpt_dir} is intact. Lower the learning rate or check the data."
+                        )
+                    bar.update()
+                    continue
+                bad_steps = 0
+                optimizer.step()
+                recipe.update_teacher(schedules.momentum[step])
+                window_images += batch["labels"].shape[0]
+
+                if (step + 1) % cfg.log.every == 0 or step + 1 == total:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "loss": loss.item(),
+                        **{k: v.item() for k, v in terms.items()},
+                        "lr": schedules.lr[step],
+                        "weight_decay": schedules.weight_decay[step],
+                        "teacher_temp": schedules.teacher_temp[step],
+                        "momentum": schedules.momentum[step],
+                        "dino_local_weight": local_weight,
+                        **{f"grad_norm_{k}": v.item() for k, v in norms.items()},
+                        "skipped_images": skipped_total,
+                        "images_per_s": window_images / (now - window_start),
+                    }
+                    log.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    window_start, window_images = now, 0
+                if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
+                    self._save(step, recipe, optimizer, bad_steps, skipped_total)
+                bar.update()
+        finally:
+            bar.close()
+            log.close()
+        save_model(recipe.teacher.backbone, self.run_dir / "teacher.safetensors")
+        return self.run_dir
+
+    def _save(self, step: int, recipe: SSLRecipe, optimizer, bad_steps: int, skipped: int) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {
+            "step": step,
+            "model": recipe.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng,
+            "bad_steps": bad_steps,
+            "skipped_images": skipped,
+        }
+        save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
+
+    def _init_backbone(self, recipe: SSLRecipe) -> None:
+        """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
+        source = load_model(self.cfg.init.backbone)
+        state = source.state_dict()
+        for model in (recipe.student.backbone, recipe.teacher.backbone):
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"init.backbone={self.cfg.init.backbone} does not fit model.arch={self.cfg.model.arch}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )

@@ -1,0 +1,128 @@
+"""The SSL recipe and trainer: a run, its outputs, exact resume after kill -9, NaN handling, init."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opendino.cli import main
+from opendino.models import build_model, load_model, save_model
+from opendino.recipes.ssl import SSLRecipe
+from opendino.train.config import load_train_config
+from opendino.train.logging import read_metrics
+from opendino.train.trainer import Trainer, TrainingDiverged
+
+TINY = {
+    "data": {"source": "synthetic", "synthetic_n": 64, "synthetic_size": 48},
+    "model": {"arch": "vit_small", "kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}, "drop_path_rate": 0.1},
+    "dino_head": {"prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16},
+    "ibot_head": {"prototypes": 48, "hidden_dim": 32, "bottleneck_dim": 16},
+    "crops": {"global_size": 32, "local_size": 16, "n_local": 2},
+    "optim": {"epochs": 2, "layerwise_decay": 0.9},
+    "train": {"batch_size": 4, "epoch_length": 6},
+    "checkpoint": {"every": 4, "keep": 2},
+    "log": {"every": 1, "progress": False, "tensorboard": False},
+    "schedules": {
+        "lr": {"start": 0.0, "peak": 2e-3, "end": 1e-4, "warmup_epochs": 1, "freeze_last_layer_epochs": 1},
+        "weight_decay": {"start": 0.04, "peak": 0.04, "end": 0.1},
+        "teacher_temp": {"start": 0.04, "peak": 0.07, "end": 0.07, "warmup_epochs": 1},
+        "momentum": {"start": 0.9, "peak": 0.9, "end": 1.0},
+    },
+}
+TIMING_KEYS = {"images_per_s"}
+
+
+@pytest.fixture()
+def preset(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _values(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_a_run_writes_metrics_checkpoints_config_and_teacher(preset, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(preset), f"run.dir={run}", "log.tensorboard=true"]) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(12))
+    for key in ("loss", "dino_local", "dino_global", "koleo", "ibot", "lr", "teacher_temp", "momentum",
+                "images_per_s", "skipped_images"):  # fmt: skip
+        assert key in records[0]
+    assert records[0]["lr"] == 0.0 and records[-1]["momentum"] > records[0]["momentum"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000007.pt", "step_00000011.pt"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 4
+    assert any((run / "tb").iterdir())
+    teacher = load_model(run / "teacher.safetensors")
+    assert teacher.embed_dim == 32
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_metrics(preset, tmp_path):
+    reference = tmp_path / "reference"
+    Trainer(load_train_config(preset, [f"run.dir={reference}"])).run()
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(run)) < 7:  # past the first checkpoint (step 3)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(run)) < 12, "the run finished before it could be killed"
+    Trainer(load_train_config(preset, [f"run.dir={run}"])).run()  # resumes from the last checkpoint
+    assert _values(read_metrics(run)) == _values(read_metrics(reference))
+    a = load_model(run / "teacher.safetensors").state_dict()
+    b = load_model(reference / "teacher.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(preset, tmp_path, monkeypatch):
+    original = SSLRecipe.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, *args, **kwargs):
+        loss, terms = original(self, batch, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), terms) if calls["n"] in (3, 6, 7, 8) else (loss, terms)
+
+    monkeypatch.setattr(SSLRecipe, "forward", sometimes_nan)
+    run = tmp_path / "nan"
+    cfg = load_train_config(preset, [f"run.dir={run}", "train.max_bad_steps=3"])
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses"):
+        Trainer(cfg).run()
+    records = read_metrics(run)
+    skipped = [r["step"] for r in records if r.get("skipped_step")]
+    assert skipped == [2, 5, 6, 7]
+    # The checkpoint of step 3 was written from good weights and still loads.
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_continue_pretraining_from_a_backbone_with_frozen_warmup(preset, tmp_path):
+    backbone = build_model("vit_small", embed_dim=32, depth=2, num_heads=2)
+    save_model(backbone, tmp_path / "init.safetensors")
+    run = tmp_path / "continued"
+    cfg = load_train_config(
+        preset, [f"run.dir={run}", f"init.backbone={tmp_path / 'init.safetensors'}", "init.head_warmup_steps=2",
+                 "train.steps=2"],
+    )  # fmt: skip
+    Trainer(cfg).run()
+    teacher = load_model(run / "teacher.safetensors").state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_loss_falls_on_the_synthetic_world(preset, tmp_path):
+    run = tmp_path / "falls"
+    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=24", "optim.epochs=4"])).run()
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
