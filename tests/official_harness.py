@@ -396,10 +396,20 @@ def check_schedules(data: dict) -> None:
     for name, case in data["v1"].items():
         o, t = case["cfg_optim"], case["cfg_teacher"]
         settings = V1Settings(
-            o["epochs"], o["lr"], o["min_lr"], o["warmup_epochs"], o["weight_decay"], o["weight_decay_end"],
-            t["momentum_teacher"], t["final_momentum_teacher"], t["warmup_teacher_temp"], t["teacher_temp"],
-            t["warmup_teacher_temp_epochs"], o["freeze_last_layer_epochs"], o["schedule_trunc_extra"],
-        )  # fmt: skip
+            o["epochs"],
+            o["lr"],
+            o["min_lr"],
+            o["warmup_epochs"],
+            o["weight_decay"],
+            o["weight_decay_end"],
+            t["momentum_teacher"],
+            t["final_momentum_teacher"],
+            t["warmup_teacher_temp"],
+            t["teacher_temp"],
+            t["warmup_teacher_temp_epochs"],
+            o["freeze_last_layer_epochs"],
+            o["schedule_trunc_extra"],
+        )
         scaled = scale_lr(case["lr_before_scaling"], o["scaling_rule"], case["batch_size_per_gpu"], case["world_size"])
         assert abs(scaled - case["lr_after_scaling"]) < 1e-15, f"v1.{name}.lr_after_scaling"
         schedules = build_schedules_v1(settings, case["OFFICIAL_EPOCH_LENGTH"])

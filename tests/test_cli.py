@@ -129,3 +129,21 @@ def test_data_synth_writes_class_folders(tmp_path):
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "5", "--size", "32", "--split", "val"]) == 0
     files = [p for p in (tmp_path / "val").rglob("*.png") if p.stem.isdigit()]
     assert len(files) == 5 and all(Image.open(f).size == (32, 32) for f in files)
+
+
+def test_knn_on_a_separable_toy_problem_and_by_hand():
+    from opendino.eval.knn import knn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 5
+    labels = torch.arange(3).repeat_interleave(20)
+    feats = centres[labels] + 0.1 * torch.randn(60, 8, generator=g)
+    acc = knn_accuracy(feats[::2], labels[::2], feats[1::2], labels[1::2], ks=(1, 5))
+    assert acc == {1: 1.0, 5: 1.0}
+    # By hand: one query, neighbours with similarities 1.0 (class 0) and 0.6, 0.6 (class 1), T = 1:
+    # k=1 picks class 0; k=3 compares e^1 against 2 e^0.6 (= 3.64 > 2.72) and picks class 1.
+    train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    acc = knn_accuracy(
+        train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), torch.tensor([1]), ks=(1, 3), temperature=1.0
+    )
+    assert acc == {1: 0.0, 3: 1.0}

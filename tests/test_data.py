@@ -181,8 +181,12 @@ def test_photometric_probabilities_match_the_official_recipe(policy, blur, solar
 def test_photometric_operations_do_what_they_say():
     x = torch.rand(6, 3, 16, 16)
     none = {k: v for k, v in sample_photometric_params(6, LOCAL).items()}
-    none.update(jitter=torch.zeros(6, dtype=torch.bool), grayscale=torch.zeros(6, dtype=torch.bool),
-                blur=torch.zeros(6, dtype=torch.bool), solarize=torch.zeros(6, dtype=torch.bool))  # fmt: skip
+    none.update(
+        jitter=torch.zeros(6, dtype=torch.bool),
+        grayscale=torch.zeros(6, dtype=torch.bool),
+        blur=torch.zeros(6, dtype=torch.bool),
+        solarize=torch.zeros(6, dtype=torch.bool),
+    )
     identity = photometric(x, LOCAL, (0, 0, 0), (1, 1, 1), params=none)
     assert torch.allclose(identity, x)
     gray = photometric(x, LOCAL, (0, 0, 0), (1, 1, 1), params={**none, "grayscale": torch.ones(6, dtype=torch.bool)})

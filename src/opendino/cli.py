@@ -141,7 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from opendino.demo import run_demo
 
-    return run_demo(Path(args.out))
+    run_demo(Path(args.out))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

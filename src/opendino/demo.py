@@ -1,28 +1,32 @@
 """The end-to-end demo run by ``make demo``: the most complete path that exists so far.
 
-1. renders synthetic scenes into an image folder (the path users' own folders take);
-2. extracts CLS / pooled / patch features with the official ViT-S/16 architecture (random weights: no
-   weights can be downloaded here; pass real ones to ``opendino extract --weights``);
-3. saves the model as safetensors, reloads it and converts it to the timm and Hugging Face layouts, and
-   checks that all of them give the same features;
-4. prints a results table.
+1. pretrains a tiny ViT with the full SSL recipe (DINO + iBOT + KoLeo, Sinkhorn-Knopp, EMA teacher) on
+   the synthetic world (``configs/demo/pretrain.yaml``) and prints its loss curve;
+2. evaluates the trained teacher against a random-initialised model of the same architecture with k-NN
+   on held-out synthetic scenes;
+3. checks interoperability: the trained backbone reloads from safetensors, and its weights give the same
+   features in timm and Hugging Face transformers (ViT-S/16 geometry with the same code paths).
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from opendino.data.sources import list_images
-from opendino.data.synthetic import write_image_folder
-from opendino.eval.features import extract_features, save_features
-from opendino.models import build_model, load_model, save_model
+from opendino.data.augment import normalize
+from opendino.data.synthetic import render_scene
+from opendino.eval.knn import knn_accuracy
+from opendino.models import build_model, load_model
 from opendino.models.convert import hf_config, to_hf, to_timm
+from opendino.train.config import load_train_config
+from opendino.train.logging import read_metrics
+from opendino.train.trainer import Trainer
 
-N_IMAGES, SIZE, RESOLUTION = 64, 128, 128
+PRESET = Path(__file__).resolve().parents[2] / "configs" / "demo" / "pretrain.yaml"
+N_TRAIN, N_TEST = 1000, 500
 
 
 def _tokens(out: dict) -> torch.Tensor:
@@ -48,48 +52,57 @@ def _peer_differences(model: torch.nn.Module, x: torch.Tensor) -> dict[str, str]
         cfg = {k: v for k, v in hf_config(model.model_kwargs).items() if k not in ("model_type", "architectures")}
         peer = DINOv3ViTModel(DINOv3ViTConfig(**cfg))
         peer.load_state_dict(to_hf(state), strict=True)
-        result["transformers DINOv3ViTModel"] = (
-            f"{(peer.eval()(pixel_values=x).last_hidden_state - ours).abs().max().item():.2e}"
-        )
+        diff = (peer.eval()(pixel_values=x).last_hidden_state - ours).abs().max().item()
+        result["transformers DINOv3ViTModel"] = f"{diff:.2e}"
     except ImportError:
         result["transformers DINOv3ViTModel"] = "transformers not installed"
     return result
 
 
-def run_demo(out: Path) -> int:
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
+@torch.inference_mode()
+def _features(model: torch.nn.Module, split: str, n: int, size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, labels = [], []
+    for start in range(0, n, 100):
+        scenes = [render_scene(i, size, split) for i in range(start, min(n, start + 100))]
+        images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in scenes])
+        feats.append(model.eval()(normalize(images, mean, std)))
+        labels += [s.label for s in scenes]
+    return torch.cat(feats), torch.tensor(labels)
+
+
+def run_demo(out: Path, overrides: list[str] = ()) -> dict:
+    """Runs the demo, prints its report and returns the k-NN results (``{"trained": {k: acc}, ...}``)."""
     t0 = time.perf_counter()
-    root = write_image_folder(out / "data", n=N_IMAGES, size=SIZE, split="train")
-    render_s = time.perf_counter() - t0
-    paths = list_images(root)
+    cfg = load_train_config(PRESET, [f"run.dir={out / 'pretrain'}", *overrides])
+    run = Trainer(cfg).run()
+    train_s = time.perf_counter() - t0
+    records = [r for r in read_metrics(run) if not r.get("skipped_step")]
 
-    model = build_model("vits16")
-    spec = model.spec
-    feats = extract_features(model, paths, mean=spec.mean, std=spec.std, resolution=RESOLUTION, batch_size=16)
-    written = save_features(feats, out / "features.safetensors", {"model": "vits16 (random init)"})
+    teacher = load_model(run / "teacher.safetensors")
+    torch.manual_seed(0)
+    random_init = build_model(cfg.model.arch, **cfg.model.kwargs)
+    size, mean, std = cfg.crops.global_size, cfg.crops.mean, cfg.crops.std
+    results = {}
+    for name, model in (("trained", teacher), ("random init", random_init)):
+        train = _features(model, "train", N_TRAIN, size, mean, std)
+        test = _features(model, "val", N_TEST, size, mean, std)
+        results[name] = knn_accuracy(*train, *test, ks=(10, 20))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, Path(tmp) / "vits16.safetensors")
-        reloaded = load_model(Path(tmp) / "vits16.safetensors").eval()
     with torch.inference_mode():
-        batch = torch.randn(2, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
-        ref = _tokens(model.eval().forward_features(batch))
-        reload_diff = (_tokens(reloaded.forward_features(batch)) - ref).abs().max().item()
-        peers = _peer_differences(model, batch)
+        vits = build_model("vits16").eval()
+        batch = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        peers = _peer_differences(vits, batch)
 
-    rows = [
-        ("synthetic scenes rendered", f"{len(paths)} at {SIZE}px in {render_s:.2f}s -> {root}"),
-        ("features extracted", f"cls {tuple(feats.cls.shape)}, patch {tuple(feats.patch.shape)}"),
-        ("extraction speed (CPU, fp32)", f"{feats.images_per_second:.1f} images/s at {RESOLUTION}px"),
-        ("unreadable images skipped", str(len(feats.skipped))),
-        ("saved", ", ".join(map(str, written))),
-        ("safetensors save/reload max |diff|", f"{reload_diff:.2e}"),
-        *((f"vs {name} max |diff|", value) for name, value in peers.items()),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print("\nOpenDINO demo — ViT-S/16 (official architecture, random weights)\n")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    print(f"\n  total {time.perf_counter() - t0:.1f}s\n")
-    return 0
+    print(f"\nOpenDINO demo — SSL pretraining of a tiny ViT on the synthetic world ({run})\n")
+    print("  step   loss    dino_local  ibot    koleo")
+    for r in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
+        print(f"  {r['step']:>4}   {r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}")
+    print(f"\n  k-NN on held-out scenes (train {N_TRAIN}, val {N_TEST}, 10 classes, chance 10%):")
+    print("  model          k=10     k=20")
+    for name, acc in results.items():
+        print(f"  {name:<13}  {acc[10]:.1%}    {acc[20]:.1%}")
+    print("\n  interoperability (ViT-S/16, our weights in peer libraries, max |diff| of all tokens):")
+    for name, value in peers.items():
+        print(f"    {name:<28} {value}")
+    print(f"\n  training {train_s:.0f}s, total {time.perf_counter() - t0:.0f}s\n")
+    return results

@@ -169,9 +169,14 @@ def build_ssl_loader(
 ) -> DataLoader:
     """An endless loader of SSL batches starting at ``start_step``."""
     sampler = StepBatchSampler(
-        len(source), batch_size, seed=seed, rank=rank, world_size=world_size, start_step=start_step,
+        len(source),
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
         crop_set_probs=crop_set_probs,
-    )  # fmt: skip
+    )
     return DataLoader(
         MultiCropDataset(source, crop_sets, photometric_in_worker),
         batch_sampler=sampler,

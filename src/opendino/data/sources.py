@@ -51,8 +51,11 @@ def decode_image(data: str | Path | bytes, max_side: int = MAX_SIDE) -> Tensor |
             with Image.open(io.BytesIO(raw)) as img:  # reads the header only
                 if img.format == "JPEG" and max(img.size) <= max_side:
                     # libjpeg-turbo through torchvision: the same pixels as PIL in half the time.
-                    return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                                       mode=ImageReadMode.RGB, apply_exif_orientation=True)  # fmt: skip
+                    return decode_jpeg(
+                        torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                        mode=ImageReadMode.RGB,
+                        apply_exif_orientation=True,
+                    )
                 if img.format == "JPEG":
                     img.draft("RGB", (max_side, max_side))
                 img = ImageOps.exif_transpose(img)

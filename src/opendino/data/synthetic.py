@@ -20,15 +20,33 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = (
-    "circle", "square", "triangle", "star", "cross", "ring", "ellipse", "diamond", "hexagon", "crescent",
-)  # fmt: skip
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "ellipse",
+    "diamond",
+    "hexagon",
+    "crescent",
+)
 BACKGROUNDS = ("gradient", "striped", "checkered", "mottled", "dotted", "wavy")
 FILLS = ("solid", "striped", "dotted", "checkered")
 COLORS = {
-    "red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
-    "orange": (240, 140, 30), "purple": (140, 50, 180), "pink": (240, 130, 190), "cyan": (40, 200, 210),
-    "white": (245, 245, 245), "black": (25, 25, 25), "brown": (130, 80, 40), "gray": (128, 128, 128),
-}  # fmt: skip
+    "red": (215, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "orange": (240, 140, 30),
+    "purple": (140, 50, 180),
+    "pink": (240, 130, 190),
+    "cyan": (40, 200, 210),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "brown": (130, 80, 40),
+    "gray": (128, 128, 128),
+}
 SIZES = {"small": (0.07, 0.12), "medium": (0.12, 0.19), "large": (0.19, 0.28)}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 DEPTH_RANGE = (1.0, 5.0)  # objects; the background plane lies between 6 and 10
@@ -118,7 +136,7 @@ def _pattern(kind: str, u: np.ndarray, v: np.ndarray, freq: float, noise_seed: i
         return ((np.sin(2 * math.pi * freq * u) * np.sin(2 * math.pi * freq * v)) > 0.5).astype(np.float32)
     if kind == "wavy":
         return 0.5 + 0.5 * np.sin(2 * math.pi * freq * (u + 0.05 * np.sin(2 * math.pi * 3 * v)))
-    # mottled: smooth value noise on an 8x8 lattice of scene coordinates
+    # mottled: bilinear value noise on a 12x12 lattice (wide enough for the margins a view pair sees)
     lattice = np.random.default_rng(noise_seed).uniform(0, 1, (12, 12))
     gu, gv = np.clip((u + 0.5) * 5, 0, 10.999), np.clip((v + 0.5) * 5, 0, 10.999)
     i, j = gv.astype(int), gu.astype(int)
@@ -141,10 +159,12 @@ def _polygon(o: SceneObject, n: int, inner: float | None = None) -> list[tuple[f
 def _outline(o: SceneObject) -> list[list[tuple[float, float]]]:
     """Polygons in scene coordinates; a second polygon is a hole (ring, crescent)."""
     circle = lambda cx, cy, r, sy=1.0: [  # noqa: E731
-        (cx + r * math.cos(t) * math.cos(o.rot) - sy * r * math.sin(t) * math.sin(o.rot),
-         cy + r * math.cos(t) * math.sin(o.rot) + sy * r * math.sin(t) * math.cos(o.rot))
+        (
+            cx + r * math.cos(t) * math.cos(o.rot) - sy * r * math.sin(t) * math.sin(o.rot),
+            cy + r * math.cos(t) * math.sin(o.rot) + sy * r * math.sin(t) * math.cos(o.rot),
+        )
         for t in np.linspace(0, 2 * math.pi, 40, endpoint=False)
-    ]  # fmt: skip
+    ]
     name = CLASSES[o.cls]
     if name == "circle":
         return [circle(o.cx, o.cy, o.r)]
@@ -231,8 +251,10 @@ class Similarity:
     def apply(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c, s = math.cos(self.angle), math.sin(self.angle)
         dx, dy = x - 0.5, y - 0.5
-        return (self.scale * (c * dx - s * dy) + 0.5 + self.shift[0],
-                self.scale * (s * dx + c * dy) + 0.5 + self.shift[1])  # fmt: skip
+        return (
+            self.scale * (c * dx - s * dy) + 0.5 + self.shift[0],
+            self.scale * (s * dx + c * dy) + 0.5 + self.shift[1],
+        )
 
     def invert(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         c, s = math.cos(-self.angle), math.sin(-self.angle)
@@ -259,8 +281,10 @@ def render_pair(index: int, size: int = 128, split: str = "train", seed: int = 0
 
 
 def caption(spec: SceneSpec) -> str:
-    parts = [f"a {o.size} {o.color} {'' if o.fill == 'solid' else o.fill + ' '}{CLASSES[o.cls]}" for o in
-             reversed(spec.objects)]  # fmt: skip
+    parts = [
+        f"a {o.size} {o.color} {'' if o.fill == 'solid' else o.fill + ' '}{CLASSES[o.cls]}"
+        for o in reversed(spec.objects)
+    ]
     things = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{things} on a {spec.background} {spec.bg_colors[0]} and {spec.bg_colors[1]} background"
 

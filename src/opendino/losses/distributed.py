@@ -22,6 +22,13 @@ def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: Tensor, group=None) -> Tensor:
+    """In-place maximum over the group (no autograd); returns the tensor."""
+    if is_distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
     """Concatenation over ranks along dim 0, differentiable (torch.distributed.nn)."""
     if not is_distributed(group):

@@ -32,8 +32,10 @@ def koleo_loss_distributed(x: Tensor, group_size: int | None = None, topk: int =
     rank = torch.distributed.get_rank(group) if is_distributed(group) else 0
     group_size = group_size or everything.shape[0]
     if group_size % local or everything.shape[0] % group_size:
-        raise ValueError(f"KoLeo group size {group_size} must be a multiple of the local batch {local} and "
-                         f"divide the global batch {everything.shape[0]}")  # fmt: skip
+        raise ValueError(
+            f"KoLeo group size {group_size} must be a multiple of the local batch {local} and "
+            f"divide the global batch {everything.shape[0]}"
+        )
     start = rank * local
     first = start // group_size * group_size
     members = everything[first : first + group_size]

@@ -1,9 +1,9 @@
 """Teacher centring: Sinkhorn-Knopp (the DINOv3 recipe) and the softmax centring of DINO / DINOv2.
 
 Sinkhorn-Knopp (recipe.md §2.2) turns teacher logits ``[M, K]`` into targets whose rows sum to one and
-whose prototypes are used equally over the whole (distributed) batch: ``exp(logits / T)`` without max
-subtraction, then alternating prototype and sample normalisation, three iterations; prototype sums are
-all-reduced over the group, so every rank sees the same marginals.
+whose prototypes are used equally over the whole (distributed) batch: ``exp(logits / T)``, then
+alternating prototype and sample normalisation, three iterations; prototype sums are all-reduced over
+the group, so every rank sees the same marginals.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from opendino.losses.distributed import all_reduce_sum, world_size
+from opendino.losses.distributed import all_reduce_max, all_reduce_sum, world_size
 
 
 @torch.no_grad()
@@ -20,7 +20,13 @@ def sinkhorn_knopp(
 ) -> Tensor:
     """Centred teacher targets ``[M, K]``. ``n_samples``: this rank's number of samples when it differs
     from ``M`` (iBOT passes its masked-token count); it is summed over the group."""
-    q = torch.exp(logits.float() / teacher_temp).t()  # [K, M]
+    scores = logits.float().t() / teacher_temp  # [K, M]
+    # Each prototype's row is shifted by its (global) maximum: the first row normalisation cancels any
+    # per-row constant, so the result is the official one, but exp() can neither overflow (the official
+    # code does past logits / T ~ 88) nor leave a prototype with an all-zero row.
+    shift = scores.amax(dim=1, keepdim=True) if scores.shape[1] else scores.new_full((scores.shape[0], 1), -1e30)
+    shift = all_reduce_max(shift, group)  # a rank without samples (no masked token) still takes part
+    q = torch.exp(scores - shift)
     n_prototypes = q.shape[0]
     if n_samples is None:
         total = q.shape[1] * world_size(group)
@@ -30,7 +36,7 @@ def sinkhorn_knopp(
     for _ in range(n_iterations):
         q /= all_reduce_sum(q.sum(dim=1, keepdim=True), group)  # each prototype gets 1/K of the mass
         q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)  # each sample gets 1/total of the mass
+        q /= q.sum(dim=0, keepdim=True).clamp(min=1e-30)  # each sample gets 1/total of the mass
         q /= total
     q *= total
     return q.t()

@@ -21,8 +21,10 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         mlp_bias: bool = True,
+        last_layer_std: float = 0.02,
     ) -> None:
         super().__init__()
+        self.last_layer_std = last_layer_std
         if nlayers < 1:
             raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}")
         if nlayers == 1:
@@ -42,9 +44,11 @@ class DINOHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """The official init (truncated normal, std 0.02); ``last_layer_std`` can start the prototypes
+        larger, which makes small, short runs leave the uniform-output start sooner."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=self.last_layer_std if m is self.last_layer else 0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

@@ -24,7 +24,14 @@ def build_student(cfg: TrainConfig) -> nn.ModuleDict:
     backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
     dim = backbone.embed_dim
     heads = {
-        name: DINOHead(dim, h.prototypes, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers)
+        name: DINOHead(
+            dim,
+            h.prototypes,
+            hidden_dim=h.hidden_dim,
+            bottleneck_dim=h.bottleneck_dim,
+            nlayers=h.nlayers,
+            last_layer_std=h.last_layer_std,
+        )
         for name, h in (("dino_head", cfg.dino_head), ("ibot_head", cfg.ibot_head))
     }
     return nn.ModuleDict({"backbone": backbone, **heads})
@@ -38,8 +45,9 @@ class SSLRecipe(nn.Module):
         self.teacher = copy.deepcopy(self.student)  # identical start, as the official recipe
         self.teacher.requires_grad_(False)
         self.teacher.eval()  # no drop path, no RoPE augmentation, ever
-        self.weights = LossWeights(cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight,
-                                   cfg.loss.global_ignore_diagonal)  # fmt: skip
+        self.weights = LossWeights(
+            cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.global_ignore_diagonal
+        )
 
     def train(self, mode: bool = True) -> SSLRecipe:
         super().train(mode)
@@ -53,9 +61,11 @@ class SSLRecipe(nn.Module):
         cls_probs = sinkhorn_knopp(cls, teacher_temp, self.cfg.loss.sinkhorn_iterations).unflatten(0, (N_GLOBAL, -1))
         patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
         patch_probs = sinkhorn_knopp(
-            self.teacher.ibot_head(patches), teacher_temp, self.cfg.loss.sinkhorn_iterations,
+            self.teacher.ibot_head(patches),
+            teacher_temp,
+            self.cfg.loss.sinkhorn_iterations,
             n_samples=batch["n_masked_patches"],
-        )  # fmt: skip
+        )
         return cls_probs, patch_probs
 
     def forward(self, batch: dict, teacher_temp: float, dino_local_weight: float = 1.0) -> tuple[Tensor, dict]:
@@ -76,8 +86,9 @@ class SSLRecipe(nn.Module):
             "koleo": sum(koleo_loss(c) for c in glob["x_norm_clstoken"].chunk(N_GLOBAL)) / N_GLOBAL,
         }
         patches = glob["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        terms["ibot"] = ibot_loss_masked(self.student.ibot_head(patches), patch_probs, masks,
-                                         batch["masks_weight"], temp)  # fmt: skip
+        terms["ibot"] = ibot_loss_masked(
+            self.student.ibot_head(patches), patch_probs, masks, batch["masks_weight"], temp
+        )
         n_local = local_logits.shape[0]
         loss = total_loss(self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, **terms)
         return loss, terms
@@ -92,5 +103,6 @@ class SSLRecipe(nn.Module):
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe."""
         return {
-            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm) for name, module in self.student.items()
+            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True)
+            for name, module in self.student.items()
         }

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from opendino.config import ConfigError, apply_overrides, build, load_yaml, merge, to_dict
+from opendino.train.schedules import ScheduleSpec
 
 
 @dataclasses.dataclass
@@ -41,6 +42,7 @@ class HeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    last_layer_std: float = 0.02  # the official init; larger helps tiny, short runs (see docs/training.md)
 
 
 @dataclasses.dataclass
@@ -78,12 +80,12 @@ class OptimConfig:
     adamw_beta2: float = 0.999
 
 
-def _default_schedules() -> dict:
+def _default_schedules() -> dict[str, ScheduleSpec]:
     return {
-        "lr": {"start": 0.0, "peak": 1e-3, "end": 1e-6, "warmup_epochs": 10, "freeze_last_layer_epochs": 1},
-        "weight_decay": {"start": 0.04, "peak": 0.04, "end": 0.4},
-        "teacher_temp": {"start": 0.04, "peak": 0.07, "end": 0.07, "warmup_epochs": 30},
-        "momentum": {"start": 0.992, "peak": 0.992, "end": 1.0},
+        "lr": ScheduleSpec(0.0, 1e-3, 1e-6, warmup_epochs=10, freeze_last_layer_epochs=1),
+        "weight_decay": ScheduleSpec(0.04, 0.04, 0.4),
+        "teacher_temp": ScheduleSpec(0.04, 0.07, 0.07, warmup_epochs=30),
+        "momentum": ScheduleSpec(0.992, 0.992, 1.0),
     }
 
 
@@ -127,7 +129,7 @@ class TrainConfig:
     crops: CropsConfig = dataclasses.field(default_factory=CropsConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    schedules: dict = dataclasses.field(default_factory=_default_schedules)
+    schedules: dict[str, ScheduleSpec] = dataclasses.field(default_factory=_default_schedules)
     train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)

@@ -194,5 +194,5 @@ def build_schedules_v1(s: V1Settings, epoch_length: int) -> Schedules:
             temp_iters,
             s.warmup_teacher_temp,
             trunc_extra=s.schedule_trunc_extra,
-        ),  # fmt: skip
+        ),
     )

@@ -24,7 +24,7 @@ from opendino.train.checkpoint import load_latest, save_checkpoint
 from opendino.train.config import TrainConfig, config_dict
 from opendino.train.logging import MetricsLog
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
-from opendino.train.schedules import build_schedules_v2, scale_lr, schedule_specs
+from opendino.train.schedules import build_schedules_v2, scale_lr
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,13 +52,21 @@ class Trainer:
 
     def _crop_config(self) -> CropConfig:
         c = self.cfg.crops
-        return CropConfig(c.global_size, c.local_size, c.n_local, tuple(c.global_scale), tuple(c.local_scale),
-                          c.horizontal_flips, mean=tuple(c.mean), std=tuple(c.std))  # fmt: skip
+        return CropConfig(
+            c.global_size,
+            c.local_size,
+            c.n_local,
+            tuple(c.global_scale),
+            tuple(c.local_scale),
+            c.horizontal_flips,
+            mean=tuple(c.mean),
+            std=tuple(c.std),
+        )
 
     def _schedules(self):
         cfg = self.cfg
         scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=1)
-        return build_schedules_v2(schedule_specs(cfg.schedules), cfg.optim.epochs, cfg.train.epoch_length, scale)
+        return build_schedules_v2(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, scale)
 
     def run(self) -> Path:
         cfg, device = self.cfg, self.device
@@ -97,11 +105,17 @@ class Trainer:
                     block.compile()
         multicrop = MultiCrop(self._crop_config())
         loader = build_ssl_loader(
-            source, [multicrop.config], batch_size=cfg.train.batch_size,
-            patch_size=getattr(recipe.student.backbone, "patch_size", 16), seed=cfg.train.seed, start_step=start,
-            num_workers=cfg.data.num_workers, photometric_in_worker=not cfg.data.photometric_on_device,
-            mask_ratio=tuple(cfg.loss.mask_ratio), mask_probability=cfg.loss.mask_probability,
-        )  # fmt: skip
+            source,
+            [multicrop.config],
+            batch_size=cfg.train.batch_size,
+            patch_size=getattr(recipe.student.backbone, "patch_size", 16),
+            seed=cfg.train.seed,
+            start_step=start,
+            num_workers=cfg.data.num_workers,
+            photometric_in_worker=not cfg.data.photometric_on_device,
+            mask_ratio=tuple(cfg.loss.mask_ratio),
+            mask_probability=cfg.loss.mask_probability,
+        )
         batches = iter(loader)
         log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
