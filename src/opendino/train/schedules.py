@@ -78,7 +78,8 @@ def linear_warmup_cosine_decay(
 ) -> np.ndarray:
     """The v2 schedule (``peak = 0 < end`` gives a cosine ramp-up)."""
     warmup = np.linspace(start, peak, warmup_iterations, endpoint=False)
-    n_cosine = total_iterations - warmup_iterations if cosine_iterations is None else cosine_iterations
+    # A run shorter than its warm-up simply ends inside it.
+    n_cosine = max(total_iterations - warmup_iterations, 0) if cosine_iterations is None else cosine_iterations
     cosine = (peak - end) * (np.cos(np.linspace(0, np.pi, n_cosine)) + 1) / 2 + end
     constant = np.full(max(total_iterations - warmup_iterations - n_cosine, 0), end)
     return np.concatenate([warmup, cosine, constant])[:total_iterations]
