@@ -41,6 +41,6 @@ def collate_masks(
     }
 
 
-def stack_crop_major(crops_per_image: list[list[Tensor]]) -> Tensor:
-    """``[[img0 crop0, img0 crop1], [img1 crop0, ...]]`` -> ``[crop0 of all images, crop1 of all images]``."""
-    return torch.stack([crop for crop_index in zip(*crops_per_image, strict=True) for crop in crop_index])
+def stack_crop_major(per_image: list[Tensor]) -> Tensor:
+    """Per-image crop stacks ``[n, ...]`` -> ``[crop 0 of every image, crop 1 of every image, ...]``."""
+    return torch.stack(per_image, dim=1).flatten(0, 1)

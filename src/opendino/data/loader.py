@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from opendino.data.augment import CropConfig, MultiCrop
-from opendino.data.collate import collate_masks
+from opendino.data.collate import collate_masks, stack_crop_major
 from opendino.data.masking import BlockMaskGenerator
 from opendino.data.sources import ImageSource
 
@@ -133,17 +133,12 @@ class SSLCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = {
-            key: torch.cat([s[key] for s in samples], dim=0)
-            .unflatten(0, (len(samples), -1))
-            .transpose(0, 1)
-            .flatten(0, 1)
-            for key in ("global", "local", "gram")
-            if key in samples[0]
+            key: stack_crop_major([s[key] for s in samples]) for key in ("global", "local", "gram") if key in samples[0]
         }
         grid = int(batch["global"].shape[-1] // (self.patch_size * self.scale))
         # One seeded mask stream per batch: reproducible wherever the batch is collated.
         generator = BlockMaskGenerator(
-            grid, max_num_patches=0.5 * grid * grid, seed=_seed(*(s["seed"] for s in samples[:4]))
+            grid, max_num_patches=0.5 * grid * grid, seed=_seed(*(s["seed"] for s in samples))
         )
         batch.update(collate_masks(len(samples) * 2, grid * grid, generator, self.mask_ratio, self.mask_probability))
         batch["labels"] = torch.tensor([s["label"] for s in samples])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 from opendino.config import ConfigError, apply_overrides, build, load_yaml, merge, to_dict
 from opendino.train.schedules import ScheduleSpec
@@ -164,8 +163,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return build(TrainConfig, tree)
 
 
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return to_dict(cfg)
-
-
-__all__ = ["ConfigError", "TrainConfig", "config_dict", "load_train_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_train_config"]

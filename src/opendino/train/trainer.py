@@ -15,13 +15,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from opendino.config import to_dict
 from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.loader import build_ssl_loader
 from opendino.data.sources import open_source
 from opendino.models import load_model, save_model
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.checkpoint import load_latest, save_checkpoint
-from opendino.train.config import TrainConfig, config_dict
+from opendino.train.config import TrainConfig
 from opendino.train.logging import MetricsLog
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.schedules import build_schedules_v2, scale_lr
@@ -71,7 +72,7 @@ class Trainer:
     def run(self) -> Path:
         cfg, device = self.cfg, self.device
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)
 
         if cfg.data.source == "synthetic" or cfg.data.path is None:
