@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness of the backbones against the CPU float32 reference, then inference
-# throughput against timm (eager and compiled, bf16). Prints a short table last.
-# Run from the repo root on the device machine:  bash benchmarks/gpu_check.sh
-set -euo pipefail
+# One device call: GPU correctness, the full training step (eager vs compiled, ViT-S/B/L), the end-to-end
+# trainer from a JPEG folder, the data pipeline and inference against timm. Prints a short table last.
+# Every section has its own time limit, so one slow part cannot take the others down.
+#   bash benchmarks/gpu_check.sh            (from the repo root on the device machine)
+set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+: >"$SUMMARY"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$SUMMARY"
+python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' | tee -a "$SUMMARY"
+section() {  # section SECONDS COMMAND... : run with a limit, keep the lines that start with "|"
+    local limit=$1
+    shift
+    echo "== $*"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/section.log"
+    local rc=${PIPESTATUS[0]}
+    grep '^|' "$OUT/section.log" >>"$SUMMARY"
+    [ "$rc" -eq 0 ] || echo "| FAILED ($rc): $* |" >>"$SUMMARY"
+}
 
-python3 - <<'PY'
+section 120 python3 - <<'PY'
 import torch
 from opendino.models import build_model
 
 torch.manual_seed(0)
-rows = []
+print("| model | GPU fp32 vs CPU max diff | GPU bf16 vs CPU max diff |")
+print("|---|---|---|")
 for name in ("vits16plus", "vitb16", "convnext_tiny"):
     model = build_model(name).eval()
     x = torch.randn(4, 3, 224, 224)
@@ -21,12 +37,26 @@ for name in ("vits16plus", "vitb16", "convnext_tiny"):
         fp32 = gpu.forward_features(x.cuda())["x_norm_patchtokens"].cpu()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = gpu.forward_features(x.cuda())["x_norm_patchtokens"].float().cpu()
-    rows.append((name, (fp32 - ref).abs().max().item(), (bf16 - ref).abs().max().item()))
-print("| model | GPU fp32 vs CPU max diff | GPU bf16 vs CPU max diff |")
-print("|---|---|---|")
-for name, a, b in rows:
-    print(f"| {name} | {a:.1e} | {b:.1e} |")
+    print(f"| {name} | {(fp32 - ref).abs().max().item():.1e} | {(bf16 - ref).abs().max().item():.1e} |")
 PY
 
-python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
-python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3 --compile
+# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16.
+echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
+echo "|---|---|---|---|---|" >>"$SUMMARY"
+STEP="python3 benchmarks/train_step.py --device cuda --steps 10 --warmup 3 --table"
+section 90 $STEP --arch vit_small --batch-size 64
+section 150 $STEP --arch vit_small --batch-size 64 --compile blocks
+
+# End to end: JPEG folder -> workers (decode + uint8 crops) -> GPU (photometric) -> compiled step.
+section 200 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 120 --compile
+section 150 $STEP --arch vit_base --batch-size 64 --compile blocks
+section 150 $STEP --arch vit_large --batch-size 32 --compile blocks
+section 120 $STEP --arch vit_large --batch-size 64 --compile blocks
+
+
+section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
+section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
+
+echo
+echo "=== summary ($(date -u +%F))"
+cat "$SUMMARY"

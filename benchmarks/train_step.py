@@ -18,6 +18,8 @@ from opendino.data.masking import BlockMaskGenerator
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
+from opendino.train.parallel import compile_recipe
+from opendino.train.step import train_step
 
 # Per-image GFLOPs of one step (student fwd+bwd on all crops, teacher fwd, heads), recipe.md §10.3.
 GFLOPS_PER_IMAGE = {"vit_small": 130, "vit_base": 469, "vit_large": 1618}
@@ -34,6 +36,26 @@ def synthetic_batch(b: int, global_size: int, local_size: int, n_local: int, pat
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def profile(step, device: torch.device) -> None:
+    """Where the time of a step goes: device kernels by total time, and device-busy vs wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 3
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    busy = sum(getattr(e, key) for e in events) / 3 / 1e6
+    print(f"profiled: wall {wall * 1e3:.1f} ms/step, device busy {busy * 1e3:.1f} ms/step")
+    print(events.table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +69,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", choices=["none", "blocks", "blocks+heads"], default="none")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 profiled steps")
+    p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -61,23 +85,16 @@ def main() -> None:
         ],
     )
     recipe = SSLRecipe(cfg).to(device).train()
-    if args.compile:
-        for backbone in (recipe.student.backbone, recipe.teacher.backbone):
-            for block in backbone.blocks:
-                block.compile()
+    if args.compile != "none":
+        compile_recipe(recipe, heads=args.compile == "blocks+heads")
     optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
     apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
     batch = synthetic_batch(args.batch_size, args.global_size, args.local_size, args.n_local, 16, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
-        with autocast:
-            loss, _ = recipe(batch, 0.07)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        recipe.clip_gradients(3.0)
-        optimizer.step()
-        recipe.update_teacher(0.994)
+        train_step(
+            recipe, optimizer, batch, teacher_temp=0.07, momentum=0.994, clip_grad=3.0, autocast=device.type == "cuda"
+        )
 
     for _ in range(args.warmup):
         step()
@@ -91,15 +108,21 @@ def main() -> None:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     images = args.batch_size / seconds
-    line = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}: "
-    line += f"{seconds:.3f} s/step, {images:.1f} images/s"
+    name = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}"
+    name += f", compile: {args.compile}"
+    memory = mfu = ""
     if device.type == "cuda":
-        line += f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
+        gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), None)
         if peak and args.arch in GFLOPS_PER_IMAGE and args.global_size == 224:
-            line += f", MFU {images * GFLOPS_PER_IMAGE[args.arch] / 1e3 / peak:.1%}"
-    print(line)
+            mfu = f"{images * GFLOPS_PER_IMAGE[args.arch] / 1e3 / peak:.1%}"
+    if args.profile:
+        profile(step, device)
+    if args.table:
+        print(f"| {name} | {seconds:.3f} | {images:.0f} | {memory} | {mfu} |")
+    else:
+        print(f"{name}: {seconds:.3f} s/step, {images:.1f} images/s, peak memory {memory or '-'} GiB, MFU {mfu or '-'}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from opendino.models.heads import DINOHead
 from opendino.models.vit import DinoVisionTransformer
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.schedules import (
+    ScheduleSpec,
     V1Settings,
     build_schedules_v1,
     build_schedules_v2,
@@ -418,6 +419,28 @@ def check_schedules(data: dict) -> None:
             assert_close(torch.from_numpy(ours.values), expected, f"v1.{name}.schedule.{key}")
             indexed = torch.tensor([ours[i] for i in range(len(case["indexed"][key]))], dtype=torch.float64)
             assert_close(indexed, case["indexed"][key], f"v1.{name}.indexed.{key}")
+        if o["schedule_trunc_extra"] == 0:  # the `shape: v1` specs of the presets give the same values
+            v1 = {"shape": "v1"}
+            specs = {
+                "lr": ScheduleSpec(0.0, o["lr"], o["min_lr"], o["warmup_epochs"], **v1),
+                "weight_decay": ScheduleSpec(o["weight_decay"], o["weight_decay"], o["weight_decay_end"], **v1),
+                "momentum": ScheduleSpec(
+                    t["momentum_teacher"], t["momentum_teacher"], t["final_momentum_teacher"], **v1
+                ),
+                "teacher_temp": ScheduleSpec(
+                    t["warmup_teacher_temp"],
+                    t["teacher_temp"],
+                    t["teacher_temp"],
+                    t["warmup_teacher_temp_epochs"],
+                    **v1,
+                ),
+            }
+            specs["lr"].freeze_last_layer_epochs = o["freeze_last_layer_epochs"]
+            from_specs = build_schedules_v2(specs, o["epochs"], case["OFFICIAL_EPOCH_LENGTH"], 1.0)
+            for key, expected in case["indexed"].items():
+                ours = getattr(from_specs, key)
+                indexed = torch.tensor([ours[i] for i in range(len(expected))], dtype=torch.float64)
+                assert_close(indexed, expected, f"v1.{name}.specs.{key}")
     for name, case in data["v2"].items():
         stage = re.sub(r"_(L\d+|div\d+_L\d+)$", "", name)
         divide = int(m[1]) if (m := re.search(r"_div(\d+)_", name)) else 1

@@ -17,6 +17,8 @@ from opendino.data.augment import (
     LOCAL,
     CropConfig,
     MultiCrop,
+    _distort_indexed,
+    _distort_masked,
     _rrc_params,
     photometric,
     sample_photometric_params,
@@ -195,6 +197,17 @@ def test_photometric_operations_do_what_they_say():
     assert blurred.std() < x.std()
     solar = photometric(x, GLOBAL_2, (0, 0, 0), (1, 1, 1), params={**none, "solarize": torch.ones(6, dtype=torch.bool)})
     assert torch.allclose(solar, torch.where(x >= 128 / 255, 1 - x, x))
+
+
+@pytest.mark.parametrize("policy", [GLOBAL_1, GLOBAL_2, LOCAL])
+def test_the_accelerator_path_distorts_exactly_like_the_per_crop_path(policy):
+    """The masked (sync-free, compiled on GPUs) and the indexed (CPU) implementations are one function."""
+    x = torch.rand(24, 3, 20, 20)
+    params = sample_photometric_params(24, policy, torch.Generator().manual_seed(3))
+    indexed = _distort_indexed(x.clone(), params, policy.solarize > 0)
+    masked = _distort_masked(x.clone(), params, policy.solarize > 0)
+    assert not torch.equal(indexed, x)
+    torch.testing.assert_close(masked, indexed, rtol=0, atol=1e-6)
 
 
 def test_random_resized_crop_scales_and_flips():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -14,10 +15,15 @@ import torch
 import yaml
 
 from opendino.cli import main
+from opendino.data.augment import CropConfig
+from opendino.data.loader import build_ssl_loader
+from opendino.data.sources import open_source
 from opendino.models import build_model, load_model, save_model
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
+from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
+from opendino.train.step import train_step
 from opendino.train.trainer import Trainer, TrainingDiverged
 
 TINY = {
@@ -116,6 +122,29 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(preset, tmp_path, monke
     # The checkpoint of step 3 was written from good weights and still loads.
     state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(preset):
+    cfg = load_train_config(preset, [])
+    recipe = SSLRecipe(cfg).train()
+    optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
+    apply_schedules(optimizer, 1e-3, 0.04, 1e-3)
+    batch = next(
+        iter(build_ssl_loader(open_source(source="synthetic", n=8, size=48), [CropConfig(32, 16, 2)], batch_size=4))
+    )
+    kwargs = {"teacher_temp": 0.07, "momentum": 0.9, "clip_grad": 3.0}
+    assert train_step(recipe, optimizer, batch, **kwargs).finite  # a good step first, so moments exist
+    before = copy.deepcopy((recipe.state_dict(), optimizer.state_dict()["state"]))
+    batch["global"][0, 0, 0, 0] = float("nan")
+    result = train_step(recipe, optimizer, batch, **kwargs)
+    assert not result.finite
+    after = (recipe.state_dict(), optimizer.state_dict()["state"])
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    for i, state in before[1].items():
+        assert all(torch.equal(state[k], after[1][i][k]) for k in state)
+    batch["global"][0, 0, 0, 0] = 0.0
+    assert train_step(recipe, optimizer, batch, **kwargs).finite
+    assert not torch.equal(before[0]["student.backbone.cls_token"], recipe.state_dict()["student.backbone.cls_token"])
 
 
 def test_continue_pretraining_from_a_backbone_with_frozen_warmup(preset, tmp_path):

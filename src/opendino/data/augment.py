@@ -17,6 +17,7 @@ and call ``MultiCrop.photometric`` on the whole batch on the GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -259,7 +260,13 @@ def photometric(
     x = images.reshape(-1, *shape[-3:])
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     p = params or sample_photometric_params(x.shape[0], policy, generator, x.device)
-    # Each operation runs only on the crops that get it (one small index per slot and operation).
+    distort = _distort_indexed if x.device.type == "cpu" else _distort_masked_compiled()
+    return normalize(distort(x, p, policy.solarize > 0), mean, std).view(shape)
+
+
+def _distort_indexed(x: Tensor, p: dict[str, Tensor], solarize: bool) -> Tensor:
+    """Each operation runs only on the crops that get it: least work, but the indices are read on the
+    host, which is free on the CPU (the per-sample worker path) and a stall on an accelerator."""
     for slot in range(4):
         for op in range(4):
             idx = (p["jitter"] & (p["order"][:, slot] == op)).nonzero().squeeze(1)
@@ -269,6 +276,27 @@ def photometric(
     idx = p["blur"].nonzero().squeeze(1)
     if idx.numel():
         x = x.index_copy(0, idx, _gaussian_blur(x[idx], p["sigma"][idx]))
-    if policy.solarize > 0:
+    if solarize:
         x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    return normalize(x, mean, std).view(shape)
+    return x
+
+
+def _distort_masked(x: Tensor, p: dict[str, Tensor], solarize: bool) -> Tensor:
+    """The same result as ``_distort_indexed`` without host synchronisation: every operation runs on every
+    crop and a per-crop mask selects. Meant to be compiled, which fuses it into a few kernels."""
+    per_crop = lambda m: m.view(-1, 1, 1, 1)  # noqa: E731
+    for slot in range(4):
+        op = p["order"][:, slot]
+        factor = p["factors"].gather(1, op[:, None]).squeeze(1)
+        for k in range(4):
+            x = torch.where(per_crop(p["jitter"] & (op == k)), _adjust(x, k, factor), x)
+    x = torch.where(per_crop(p["grayscale"]), _gray(x).expand_as(x), x)
+    x = torch.where(per_crop(p["blur"]), _gaussian_blur(x, p["sigma"]), x)
+    if solarize:
+        x = torch.where(per_crop(p["solarize"]) & (x >= 128 / 255), 1 - x, x)
+    return x
+
+
+@functools.cache
+def _distort_masked_compiled():
+    return torch.compile(_distort_masked, dynamic=False)

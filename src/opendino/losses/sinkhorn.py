@@ -19,27 +19,39 @@ def sinkhorn_knopp(
     logits: Tensor, teacher_temp: float, n_iterations: int = 3, n_samples: Tensor | None = None, group=None
 ) -> Tensor:
     """Centred teacher targets ``[M, K]``. ``n_samples``: this rank's number of samples when it differs
-    from ``M`` (iBOT passes its masked-token count); it is summed over the group."""
-    scores = logits.float().t() / teacher_temp  # [K, M]
-    # Each prototype's row is shifted by its (global) maximum: the first row normalisation cancels any
-    # per-row constant, so the result is the official one, but exp() can neither overflow (the official
-    # code does past logits / T ~ 88) nor leave a prototype with an all-zero row.
-    shift = scores.amax(dim=1, keepdim=True) if scores.shape[1] else scores.new_full((scores.shape[0], 1), -1e30)
-    shift = all_reduce_max(shift, group)  # a rank without samples (no masked token) still takes part
-    q = torch.exp(scores - shift)
-    n_prototypes = q.shape[0]
-    if n_samples is None:
-        total = q.shape[1] * world_size(group)
-    else:
-        total = all_reduce_sum(n_samples.detach().clone().float(), group)
-    q /= all_reduce_sum(q.sum(), group)
-    for _ in range(n_iterations):
-        q /= all_reduce_sum(q.sum(dim=1, keepdim=True), group)  # each prototype gets 1/K of the mass
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True).clamp(min=1e-30)  # each sample gets 1/total of the mass
-        q /= total
-    q *= total
-    return q.t()
+    from ``M`` (iBOT passes its masked-token count); it is summed over the group.
+
+    The alternating normalisations only rescale prototypes (columns here) and samples (rows), so the
+    targets are ``exp(logits / T) * b[:, None] * a[None, :]`` for two vectors that the iterations update
+    with matrix-vector products: the big ``[M, K]`` matrix (1 GB for iBOT at batch 64 and 65,536
+    prototypes) is read twice per iteration and written twice in all, instead of six passes per iteration.
+    """
+    with torch.autocast(logits.device.type, enabled=False):  # the products must stay in float32
+        scores = logits.float()
+        # Each prototype is shifted by its (global) maximum: the first prototype normalisation cancels any
+        # per-prototype constant, so the result is the official one, but exp() can neither overflow (the
+        # official code does past logits / T ~ 88) nor leave a prototype with no mass.
+        if scores.shape[0]:
+            shift = scores.amax(dim=0)
+        else:
+            shift = scores.new_full((scores.shape[1],), -1e30)
+        shift = all_reduce_max(shift, group)  # a rank without samples (no masked token) still takes part
+        q = torch.exp((scores - shift) / teacher_temp)  # [M, K]
+        n_rows, n_prototypes = q.shape
+        if n_samples is None:
+            total = n_rows * world_size(group)
+        else:
+            total = all_reduce_sum(n_samples.detach().clone().float(), group)
+        prototype_scale = q.new_ones(n_prototypes) / all_reduce_sum(q.sum(), group)
+        sample_scale = q.new_ones(n_rows)
+        for _ in range(n_iterations):
+            mass = all_reduce_sum(prototype_scale * (sample_scale @ q), group)  # per prototype
+            prototype_scale = prototype_scale / (mass * n_prototypes)
+            mass = sample_scale * (q @ prototype_scale)  # per sample, local only
+            sample_scale = sample_scale / (mass.clamp(min=1e-30) * total)
+        q *= (sample_scale * total)[:, None]
+        q *= prototype_scale[None, :]
+        return q
 
 
 class SoftmaxCenter(nn.Module):

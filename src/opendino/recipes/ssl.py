@@ -94,11 +94,15 @@ class SSLRecipe(nn.Module):
         return loss, terms
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """EMA of the parameters (buffers are constant); one fused multi-tensor update."""
-        student = [p for p in self.student.parameters()]
-        teacher = [p for p in self.teacher.parameters()]
-        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+    def update_teacher(self, momentum: float, enabled: Tensor | None = None) -> None:
+        """EMA of the parameters (buffers are constant); one fused multi-tensor update.
+
+        ``enabled`` (a bool scalar on the device) turns the update off without a host synchronisation.
+        """
+        weight = 1.0 - momentum
+        if enabled is not None:
+            weight = enabled.float() * weight
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), weight)
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe."""

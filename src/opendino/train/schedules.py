@@ -87,7 +87,8 @@ def linear_warmup_cosine_decay(
 
 @dataclasses.dataclass
 class ScheduleSpec:
-    """One v2 schedule in epochs (as in the stage presets)."""
+    """One schedule in epochs: ``shape: v2`` as in the DINOv3 stage presets, ``shape: v1`` for the
+    DINOv2-style cosine of the ImageNet fast setup (warm-up ``start -> peak``, then cosine to ``end``)."""
 
     start: float
     peak: float
@@ -95,9 +96,21 @@ class ScheduleSpec:
     warmup_epochs: float = 0
     cosine_epochs: float | None = None
     freeze_last_layer_epochs: float = 0
+    shape: str = "v2"
+
+    def __post_init__(self) -> None:
+        if self.shape not in ("v1", "v2"):
+            raise ValueError(f"schedule shape {self.shape!r}; valid: v1, v2")
+        if self.shape == "v1" and self.cosine_epochs is not None:
+            raise ValueError("cosine_epochs is a v2 setting; a v1 cosine always runs to the end")
 
     def array(self, total_epochs: float, epoch_length: int, scale: float = 1.0) -> np.ndarray:
-        """``scale`` multiplies ``peak`` and ``end`` (the lr scaling rule; not ``start``)."""
+        """``scale`` (the lr scaling rule) multiplies ``peak`` and, in v2 only, ``end``; never ``start``."""
+        if self.shape == "v1":
+            total = int(total_epochs * epoch_length)
+            return cosine_schedule(
+                self.peak * scale, self.end, total, int(self.warmup_epochs * epoch_length), self.start
+            ).values[:total]
         return linear_warmup_cosine_decay(
             self.start,
             self.peak * scale,
@@ -129,18 +142,16 @@ def build_schedules_v2(
 ) -> Schedules:
     """From the ``schedules`` section of a stage preset (keys ``lr``, ``weight_decay``, ``momentum``,
     ``teacher_temp`` and optionally ``dino_local_loss_weight``, ``gram_loss_weight``)."""
+    known = {f.name for f in dataclasses.fields(Schedules)} - {"last_layer_lr"}
+    if unknown := set(specs) - known:
+        raise ValueError(f"unknown schedules {sorted(unknown)}; valid: {sorted(known)}")
     arrays = {k: spec.array(epochs, epoch_length, lr_scale if k == "lr" else 1.0) for k, spec in specs.items()}
+    # Past its end a v1 schedule returns its final value (the official CosineScheduler); v2 its last entry.
+    final = {k: spec.end if spec.shape == "v1" else None for k, spec in specs.items()}
     last_layer = arrays["lr"].copy()
     last_layer[: int(specs["lr"].freeze_last_layer_epochs * epoch_length)] = 0
-    optional = {k: Schedule(arrays[k]) for k in ("dino_local_loss_weight", "gram_loss_weight") if k in arrays}
-    return Schedules(
-        lr=Schedule(arrays["lr"]),
-        last_layer_lr=Schedule(last_layer),
-        weight_decay=Schedule(arrays["weight_decay"]),
-        momentum=Schedule(arrays["momentum"]),
-        teacher_temp=Schedule(arrays["teacher_temp"]),
-        **optional,
-    )
+    schedules = {k: Schedule(arrays[k], final[k]) for k in specs}
+    return Schedules(last_layer_lr=Schedule(last_layer, final["lr"]), **schedules)
 
 
 def schedule_specs(section: dict) -> dict[str, ScheduleSpec]:

@@ -25,7 +25,9 @@ from opendino.train.checkpoint import load_latest, save_checkpoint
 from opendino.train.config import TrainConfig
 from opendino.train.logging import MetricsLog
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
+from opendino.train.parallel import compile_recipe
 from opendino.train.schedules import build_schedules_v2, scale_lr
+from opendino.train.step import train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,9 +103,7 @@ class Trainer:
             self._init_backbone(recipe)
 
         if cfg.train.compile:
-            for backbone in (recipe.student.backbone, recipe.teacher.backbone):
-                for block in getattr(backbone, "blocks", []):
-                    block.compile()
+            compile_recipe(recipe)
         multicrop = MultiCrop(self._crop_config())
         loader = build_ssl_loader(
             source,
@@ -119,11 +119,29 @@ class Trainer:
         )
         batches = iter(loader)
         log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         backbone_groups = [g for g in optimizer.param_groups if g["names"][0].startswith("backbone.")]
         total = cfg.total_steps
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.log.progress)
         window_start, window_images = time.perf_counter(), 0
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, finite flag) not yet read on the host
+
+        def read_pending_flags() -> bool:
+            """Log the skipped steps since the last read; stop on too many in a row. True if all were good."""
+            nonlocal bad_steps
+            flags = torch.stack([f for _, f in pending]).tolist() if pending else []
+            for (s, _), good in zip(pending, flags, strict=True):
+                bad_steps = 0 if good else bad_steps + 1
+                if not good:
+                    log.log({"step": s, "skipped_step": True, "loss": float("nan"), "bad_steps": bad_steps})
+                if bad_steps >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_steps} consecutive non-finite losses (last at step {s}); the weights were not "
+                        f"updated by them and the last checkpoint in {self.ckpt_dir} is intact. Lower the "
+                        "learning rate or check the data."
+                    )
+            pending.clear()
+            return all(flags)
+
         recipe.train()
         try:
             for step in range(start, total):
@@ -138,46 +156,40 @@ class Trainer:
                     batch = multicrop.photometric_collated(batch)
                 skipped_total += len(batch["skipped"])
                 local_weight = schedules.dino_local_loss_weight[step] if schedules.dino_local_loss_weight else 1.0
-                with autocast:
-                    loss, terms = recipe(batch, schedules.teacher_temp[step], local_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norms = recipe.clip_gradients(cfg.optim.clip_grad)
-                # The one host synchronisation of a step: a non-finite loss must not reach the weights.
-                if not torch.isfinite(loss).item():
-                    bad_steps += 1
-                    log.log({"step": step, "skipped_step": True, "loss": float("nan"), "bad_steps": bad_steps})
-                    if bad_steps >= cfg.train.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{bad_steps} consecutive non-finite losses (last at step {step}); the last good "
-                            f"checkpoint in {self.ckpt_dir} is intact. Lower the learning rate or check the data."
-                        )
-                    bar.update()
-                    continue
-                bad_steps = 0
-                optimizer.step()
-                recipe.update_teacher(schedules.momentum[step])
+                result = train_step(
+                    recipe,
+                    optimizer,
+                    batch,
+                    teacher_temp=schedules.teacher_temp[step],
+                    momentum=schedules.momentum[step],
+                    clip_grad=cfg.optim.clip_grad,
+                    dino_local_weight=local_weight,
+                    autocast=device.type == "cuda",
+                )
+                pending.append((step, result.finite))
                 window_images += batch["labels"].shape[0]
 
                 if (step + 1) % cfg.log.every == 0 or step + 1 == total:
-                    now = time.perf_counter()
-                    record = {
-                        "step": step,
-                        "loss": loss.item(),
-                        **{k: v.item() for k, v in terms.items()},
-                        "lr": schedules.lr[step],
-                        "weight_decay": schedules.weight_decay[step],
-                        "teacher_temp": schedules.teacher_temp[step],
-                        "momentum": schedules.momentum[step],
-                        "dino_local_weight": local_weight,
-                        **{f"grad_norm_{k}": v.item() for k, v in norms.items()},
-                        "skipped_images": skipped_total,
-                        "images_per_s": window_images / (now - window_start),
-                    }
-                    log.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    window_start, window_images = now, 0
+                    if read_pending_flags():
+                        now = time.perf_counter()
+                        record = {
+                            "step": step,
+                            "loss": result.loss.item(),
+                            **{k: v.item() for k, v in result.terms.items()},
+                            "lr": schedules.lr[step],
+                            "weight_decay": schedules.weight_decay[step],
+                            "teacher_temp": schedules.teacher_temp[step],
+                            "momentum": schedules.momentum[step],
+                            "dino_local_weight": local_weight,
+                            **{f"grad_norm_{k}": v.item() for k, v in result.grad_norms.items()},
+                            "skipped_images": skipped_total,
+                            "images_per_s": window_images / (now - window_start),
+                        }
+                        log.log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}")
+                        window_start, window_images = now, 0
                 if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
+                    read_pending_flags()
                     self._save(step, recipe, optimizer, bad_steps, skipped_total)
                 bar.update()
         finally:

@@ -1,0 +1,77 @@
+"""End-to-end training throughput: a folder of ~500x375 JPEGs -> data-loader workers (decode + uint8
+crops) -> the device (batched photometric distortions) -> the (compiled) training step, through the real
+``opendino train`` trainer with the ImageNet fast-setup preset (2x224 + 8x96 crops, 65,536 prototypes).
+
+    python benchmarks/train_e2e.py --arch vit_small --batch-size 64 --workers 15 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+
+from opendino.data.synthetic import render_scene
+from opendino.train.config import load_train_config
+from opendino.train.logging import read_metrics
+from opendino.train.trainer import Trainer
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vitl16_im1k.yaml"
+
+
+def write_jpeg(args: tuple[Path, int]) -> None:
+    folder, index = args
+    image = render_scene(index, size=500).image.resize((500, 375), Image.Resampling.BICUBIC)
+    image.save(folder / f"{index:05d}.jpg", quality=90)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="vit_small")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--photometric-in-worker", action="store_true", help="per-sample CPU distortions instead")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "jpegs"
+        folder.mkdir()
+        with Pool(args.workers) as pool:
+            pool.map(write_jpeg, [(folder, i) for i in range(args.images)])
+        log_every = 10
+        cfg = load_train_config(
+            PRESET,
+            [
+                f"run.dir={Path(tmp) / 'run'}",
+                f"data.path={folder}",
+                f"data.num_workers={args.workers}",
+                f"data.photometric_on_device={not args.photometric_in_worker}",
+                f"model.arch={args.arch}",
+                f"train.batch_size={args.batch_size}",
+                f"train.steps={args.steps}",
+                f"train.compile={args.compile}",
+                f"log.every={log_every}",
+                "log.tensorboard=false",
+                "log.progress=false",
+                f"checkpoint.every={10 * args.steps}",
+            ],
+        )
+        Trainer(cfg).run()
+        rates = [r["images_per_s"] for r in read_metrics(cfg.run.dir) if "images_per_s" in r]
+    steady = statistics.median(rates[len(rates) // 2 :])  # the first windows include compilation
+    where = "in workers" if args.photometric_in_worker else "on device"
+    print(
+        f"| end to end {args.arch} b{args.batch_size}, {args.workers} workers, photometric {where}"
+        f"{', compiled' if args.compile else ''} | | {steady:.0f} | | |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""One optimisation step of the recipe, free of host synchronisation.
+
+Forward, backward, per-submodule clipping, AdamW and the EMA teacher update. A non-finite loss must
+not reach the weights, but reading it on the host would stall the GPU every step; instead the fused
+AdamW kernel receives the flag as ``found_inf`` (the mechanism ``torch.amp.GradScaler`` uses) and
+skips the update on the device, and the EMA weight is multiplied by the same flag. The trainer reads
+the flags later, at its logging points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opendino.recipes.ssl import SSLRecipe
+
+
+@dataclass
+class StepResult:
+    loss: Tensor
+    terms: dict[str, Tensor]
+    grad_norms: dict[str, Tensor]
+    finite: Tensor  # bool scalar on the device; False means the step changed nothing
+
+
+def train_step(
+    recipe: SSLRecipe,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    *,
+    teacher_temp: float,
+    momentum: float,
+    clip_grad: float,
+    dino_local_weight: float = 1.0,
+    autocast: bool = False,
+) -> StepResult:
+    device = batch["global"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss, terms = recipe(batch, teacher_temp, dino_local_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = recipe.clip_gradients(clip_grad)
+    finite = torch.isfinite(loss)
+    optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel
+    optimizer.step()
+    recipe.update_teacher(momentum, enabled=finite)
+    return StepResult(loss.detach(), {k: v.detach() for k, v in terms.items()}, norms, finite)
