@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from opendino.cli import main
-from opendino.data.synthetic import CLASSES, COLORS, DEPTH_RANGE, render_pair, render_scene, scene_spec
+from opendino.data.synthetic import CLASS_COLORS, CLASSES, COLORS, DEPTH_RANGE, render_pair, render_scene, scene_spec
 
 
 def test_deterministic_from_seed_split_index():
@@ -86,3 +86,14 @@ def test_data_synth_writes_the_labelled_folder_layout(tmp_path):
 def test_bad_split():
     with pytest.raises(ValueError, match="valid: train, val, test"):
         render_scene(0, split="holdout")
+
+
+def test_scenes_are_object_centric_with_typical_colours():
+    specs = [scene_spec(i) for i in range(400)]
+    mains = [max(s.objects, key=lambda o: o.r) for s in specs]  # the main object is the only large one
+    assert all(o.size == "large" and 0.3 <= o.cx <= 0.7 and 0.3 <= o.cy <= 0.7 for o in mains)
+    assert all(o.color not in s.bg_colors for s in specs for o in s.objects)
+    typical = np.mean([o.color == CLASS_COLORS[o.cls] for s in specs for o in s.objects])
+    assert 0.5 < typical < 0.8  # 0.6 by design, plus chance matches, minus background clashes
+    labels = [render_scene(i, size=48).label for i in range(60)]
+    assert np.mean([label == main.cls for label, main in zip(labels, mains, strict=False)]) > 0.9

@@ -3,8 +3,8 @@
 Every scene is deterministic from ``(seed, split, index)`` and defined in resolution-free coordinates,
 so it renders at any size; splits draw from disjoint random streams and never share a scene. A scene
 carries all the ground truth the evaluations need: a class label (the shape with the most visible
-pixels), a semantic map (0 = background, 1 + class), an instance map (0 = background, 1.. in drawing
-order), a depth map (objects are fronto-parallel at random depths in front of a tilted background plane,
+pixels, almost always the large main object near the centre), a semantic map (0 = background,
+1 + class), an instance map (0 = background, 1.. in drawing order), a depth map (objects are fronto-parallel at random depths in front of a tilted background plane,
 drawn far to near so occlusion agrees with depth) and an English caption. ``render_pair`` renders the
 scene twice, the second time under a known similarity transform, with dense ground-truth
 correspondences.
@@ -47,9 +47,16 @@ COLORS = {
     "brown": (130, 80, 40),
     "gray": (128, 128, 128),
 }
-SIZES = {"small": (0.07, 0.12), "medium": (0.12, 0.19), "large": (0.19, 0.28)}
+SIZES = {"small": (0.05, 0.09), "medium": (0.09, 0.14), "large": (0.2, 0.32)}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 DEPTH_RANGE = (1.0, 5.0)  # objects; the background plane lies between 6 and 10
+MAIN_DEPTH = (1.0, 2.5)  # the main object stands in front of most distractors
+BACKGROUND_CONTRAST = 0.45  # of the background pattern between its two colours
+FILL_CONTRAST = 0.35  # an object's fill pattern is this much darker than its colour
+# Like real categories (lemons tend to be yellow), each class has a typical colour that its objects take
+# with this probability; the rest are coloured at random, so shape still matters.
+CLASS_COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan", "white", "black")
+TYPICAL_COLOR_PROBABILITY = 0.6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +101,28 @@ def scene_spec(index: int, split: str = "train", seed: int = 0) -> SceneSpec:
     rng = np.random.default_rng([seed, SPLITS[split], index])
     names = list(COLORS)
     bg_colors = tuple(names[i] for i in rng.choice(len(names), 2, replace=False))
+    object_colors = [c for c in names if c not in bg_colors]  # objects always stand out in colour
     objects = []
-    for _ in range(int(rng.integers(1, 6))):
-        size = ("small", "medium", "large")[int(rng.integers(3))]
-        r = float(rng.uniform(*SIZES[size]))
+    # Like the photographs of object-centric data sets: one large main object near the centre (it gives
+    # the class label) and up to four small or medium distractors anywhere, in front or behind.
+    for k in range(int(rng.integers(1, 6))):
+        cls = int(rng.integers(len(CLASSES)))
+        color = object_colors[int(rng.integers(len(object_colors)))]
+        if rng.uniform() < TYPICAL_COLOR_PROBABILITY and CLASS_COLORS[cls] in object_colors:
+            color = CLASS_COLORS[cls]
+        size = "large" if k == 0 else ("small", "medium")[int(rng.integers(2))]
+        lo, hi = (0.3, 0.7) if k == 0 else (0.05, 0.95)
         objects.append(
             SceneObject(
-                cls=int(rng.integers(len(CLASSES))),
-                color=names[int(rng.integers(len(names)))],
+                cls=cls,
+                color=color,
                 fill=FILLS[int(rng.integers(len(FILLS)))],
                 size=size,
-                cx=float(rng.uniform(0.1, 0.9)),
-                cy=float(rng.uniform(0.1, 0.9)),
-                r=r,
+                cx=float(rng.uniform(lo, hi)),
+                cy=float(rng.uniform(lo, hi)),
+                r=float(rng.uniform(*SIZES[size])),
                 rot=float(rng.uniform(0, 2 * math.pi)),
-                depth=float(rng.uniform(*DEPTH_RANGE)),
+                depth=float(rng.uniform(*(MAIN_DEPTH if k == 0 else DEPTH_RANGE))),
             )
         )
     objects.sort(key=lambda o: -o.depth)  # far to near: nearer objects occlude farther ones
@@ -205,7 +219,7 @@ def _render(spec: SceneSpec, size: int, u: np.ndarray, v: np.ndarray, to_pixels)
     shape = u.shape
     c1, c2 = (np.array(COLORS[c], dtype=np.float32) for c in spec.bg_colors)
     t = _pattern(spec.background, *_rotate(u, v, spec.bg_angle), spec.bg_freq, spec.noise_seed)[..., None]
-    image = c1 * (1 - t) + c2 * t
+    image = c1 * (1 - BACKGROUND_CONTRAST * t) + c2 * BACKGROUND_CONTRAST * t
     depth = (spec.plane_far + (spec.plane_near - spec.plane_far) * np.clip(v, 0, 1)).astype(np.float32)
     semantic = np.zeros(shape, np.uint8)
     instance = np.zeros(shape, np.uint8)
@@ -214,7 +228,7 @@ def _render(spec: SceneSpec, size: int, u: np.ndarray, v: np.ndarray, to_pixels)
         color = np.array(COLORS[o.color], dtype=np.float32)
         ou, ov = _rotate(u - o.cx, v - o.cy, o.rot)
         pattern = _pattern(o.fill, ou / o.r, ov / o.r, 2.0, 0)[..., None]
-        texture = color * (1 - 0.55 * pattern)  # the fill pattern is a darker shade of the colour
+        texture = color * (1 - FILL_CONTRAST * pattern)  # the fill pattern is a darker shade of the colour
         image[mask] = texture[mask]
         semantic[mask], instance[mask], depth[mask] = o.cls + 1, k + 1, o.depth
     noise = np.random.default_rng(spec.noise_seed).normal(0, 5, image.shape)
