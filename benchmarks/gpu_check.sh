@@ -46,12 +46,13 @@ echo "|---|---|---|---|---|" >>"$SUMMARY"
 STEP="python3 benchmarks/train_step.py --device cuda --steps 10 --warmup 3 --table"
 section 90 $STEP --arch vit_small --batch-size 64
 section 150 $STEP --arch vit_small --batch-size 64 --compile blocks
+section 150 $STEP --arch vit_small --batch-size 64 --compile blocks+heads
 
 # End to end: JPEG folder -> workers (decode + uint8 crops) -> GPU (photometric) -> compiled step.
 section 200 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 120 --compile
-section 150 $STEP --arch vit_base --batch-size 64 --compile blocks
-section 150 $STEP --arch vit_large --batch-size 32 --compile blocks
-section 120 $STEP --arch vit_large --batch-size 64 --compile blocks
+section 150 $STEP --arch vit_base --batch-size 64 --compile blocks+heads
+section 150 $STEP --arch vit_large --batch-size 32 --compile blocks+heads
+section 120 $STEP --arch vit_large --batch-size 64 --compile blocks+heads
 
 
 section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64

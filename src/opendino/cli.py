@@ -138,6 +138,82 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from opendino.eval.suite import TASKS, evaluate
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks {args.tasks}: unknown {unknown}; valid: {','.join(TASKS)}")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data}: not a folder; give DIR (with train/ and val/) or synthetic")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
+    if not Path(args.model).exists():
+        from opendino.models import MODELS
+
+        if args.model not in MODELS:
+            raise UsageError(f"{args.model!r} is neither a run folder, a checkpoint file nor a known model")
+    results = evaluate(
+        args.model,
+        data=args.data,
+        tasks=tasks,
+        out=args.out,
+        resolution=args.resolution,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    out = Path(args.out) if args.out else None
+    print(f"\n{'task':<8} {'metric':<15} {'trained':>9} {'random init':>12}")
+    for task in tasks:
+        for metric, value in results["trained"][task].items():
+            if isinstance(value, float) and metric not in ("lr", "C"):
+                print(f"{task:<8} {metric:<15} {value:>9.4f} {results['random_init'][task][metric]:>12.4f}")
+    print(f"\nreport: {(out or Path(args.model) / 'eval') if Path(args.model).is_dir() or out else 'eval-*'}/report.md")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from opendino.data.sources import NoImagesError, decode_image, list_images
+    from opendino.eval.features import eval_transform
+    from opendino.eval.suite import resolve_model
+    from opendino.eval.visualize import panel
+
+    model, info = resolve_model(args.model)
+    res = args.resolution or info["resolution"]
+    if res % model.feature_stride:
+        raise UsageError(f"--resolution {res} is not a multiple of the model's stride {model.feature_stride}")
+    try:
+        paths = list_images(args.images)
+    except (FileNotFoundError, NoImagesError) as e:
+        raise UsageError(str(e)) from None
+    point = None
+    if args.patch:
+        try:
+            point = tuple(int(v) for v in args.patch.split(","))
+        except ValueError:
+            raise UsageError(f"--patch {args.patch}: give ROW,COL of the patch grid") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    transform = eval_transform(res, info["mean"], info["std"])
+    model.eval()
+    for path in paths:
+        image = decode_image(path)
+        if image is None:
+            print(f"skipped (unreadable): {path}", file=sys.stderr)
+            continue
+        with torch.inference_mode():
+            tokens = model.forward_features(transform(image)[None])["x_norm_patchtokens"][0]
+        grid = res // model.feature_stride
+        shown = torch.nn.functional.interpolate(image[None].float(), size=(res, res), mode="bilinear")[0]
+        picture = panel(shown.clamp(0, 255).to(torch.uint8), tokens.reshape(grid, grid, -1), point, args.foreground)
+        picture.save(out / f"{Path(path).stem}.png")
+    print(f"wrote {len(paths)} pictures (input | PCA | similarity) to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opendino.demo import run_demo
 
@@ -210,6 +286,38 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides (run.dir, data.path, model.arch, train.steps, ...)"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="k-NN, linear, logistic regression, dense segmentation, depth, correspondence vs random init",
+        description="Evaluates a run folder (its teacher), a checkpoint file or a registered model beside a "
+        "random-initialised model of the same architecture. Writes results.json, report.md, results.png and "
+        "pictures.png into RUN/eval (or --out). Features are cached in float16 under <out>/cache.",
+    )
+    p.add_argument("model", help="run folder, checkpoint file or registered name")
+    p.add_argument("--data", default="synthetic", help="synthetic, or DIR with train/<class>/ and val/<class>/")
+    p.add_argument("--tasks", default="knn,linear,logreg,seg,depth,corr", help="comma-separated subset")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: the run's global crop)")
+    p.add_argument("--n-train", type=int, default=1000, help="synthetic training scenes")
+    p.add_argument("--n-val", type=int, default=500, help="synthetic validation scenes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "visualize",
+        help="PCA and similarity pictures of patch features",
+        description="For each image: the input, the PCA of its patch features as RGB and the cosine similarity "
+        "of every patch to one patch, side by side, as PNG.",
+    )
+    p.add_argument("model", help="run folder, checkpoint file or registered name")
+    p.add_argument("images", help="an image or a folder")
+    p.add_argument("--out", default="pictures")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--patch", default=None, help="ROW,COL of the reference patch (default: the centre)")
+    p.add_argument("--foreground", action="store_true", help="PCA of the foreground patches only")
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")

@@ -2,8 +2,9 @@
 
 1. pretrains a tiny ViT with the full SSL recipe (DINO + iBOT + KoLeo, Sinkhorn-Knopp, EMA teacher) on
    the synthetic world (``configs/demo/pretrain.yaml``) and prints its loss curve;
-2. evaluates the trained teacher against a random-initialised model of the same architecture with k-NN
-   on held-out synthetic scenes;
+2. evaluates the trained teacher against a random-initialised model of the same architecture with the
+   whole evaluation suite (``opendino eval``: k-NN, linear, logistic regression, segmentation, depth,
+   correspondence) on held-out synthetic scenes, with the report and pictures in ``<out>/eval``;
 3. checks interoperability: the trained backbone reloads from safetensors, and its weights give the same
    features in timm and Hugging Face transformers (ViT-S/16 geometry with the same code paths).
 """
@@ -13,13 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from opendino.data.augment import normalize
-from opendino.data.synthetic import render_scene
-from opendino.eval.knn import knn_accuracy
-from opendino.models import build_model, load_model
+from opendino.eval.report import HEADLINE
+from opendino.eval.suite import evaluate
+from opendino.models import build_model
 from opendino.models.convert import hf_config, to_hf, to_timm
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
@@ -59,34 +58,23 @@ def _peer_differences(model: torch.nn.Module, x: torch.Tensor) -> dict[str, str]
     return result
 
 
-@torch.inference_mode()
-def _features(model: torch.nn.Module, split: str, n: int, size: int, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
-    for start in range(0, n, 100):
-        scenes = [render_scene(i, size, split) for i in range(start, min(n, start + 100))]
-        images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in scenes])
-        feats.append(model.eval()(normalize(images, mean, std)))
-        labels += [s.label for s in scenes]
-    return torch.cat(feats), torch.tensor(labels)
-
-
-def run_demo(out: Path, overrides: list[str] = ()) -> dict:
-    """Runs the demo, prints its report and returns the k-NN results (``{"trained": {k: acc}, ...}``)."""
+def run_demo(out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val: int = N_TEST) -> dict:
+    """Runs the demo, prints its report and returns the evaluation results (as ``opendino eval``)."""
     t0 = time.perf_counter()
     cfg = load_train_config(PRESET, [f"run.dir={out / 'pretrain'}", *overrides])
     run = Trainer(cfg).run()
     train_s = time.perf_counter() - t0
     records = [r for r in read_metrics(run) if not r.get("skipped_step")]
-
-    teacher = load_model(run / "teacher.safetensors")
-    torch.manual_seed(0)
-    random_init = build_model(cfg.model.arch, **cfg.model.kwargs)
-    size, mean, std = cfg.crops.global_size, cfg.crops.mean, cfg.crops.std
-    results = {}
-    for name, model in (("trained", teacher), ("random init", random_init)):
-        train = _features(model, "train", N_TRAIN, size, mean, std)
-        test = _features(model, "val", N_TEST, size, mean, std)
-        results[name] = knn_accuracy(*train, *test, ks=(10, 20))
+    # Twice the training crop size: a finer patch grid for the dense tasks.
+    results = evaluate(
+        run,
+        out=out / "eval",
+        resolution=2 * cfg.crops.global_size,
+        n_train=n_train,
+        n_val=n_val,
+        progress=False,
+        log=lambda _: None,
+    )
 
     with torch.inference_mode():
         vits = build_model("vits16").eval()
@@ -97,10 +85,11 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     print("  step   loss    dino_local  ibot    koleo")
     for r in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
         print(f"  {r['step']:>4}   {r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}")
-    print(f"\n  k-NN on held-out scenes (train {N_TRAIN}, val {N_TEST}, 10 classes, chance 10%):")
-    print("  model          k=10     k=20")
-    for name, acc in results.items():
-        print(f"  {name:<13}  {acc[10]:.1%}    {acc[20]:.1%}")
+    print(f"\n  evaluation on held-out scenes (train {n_train}, val {n_val}, 10 classes; report: {out / 'eval'}):")
+    print(f"  {'task':<7} {'metric':<14} {'trained':>8} {'random init':>12}")
+    for task, metric in HEADLINE.items():
+        trained, floor = results["trained"][task][metric], results["random_init"][task][metric]
+        print(f"  {task:<7} {metric:<14} {trained:>8.3f} {floor:>12.3f}")
     print("\n  interoperability (ViT-S/16, our weights in peer libraries, max |diff| of all tokens):")
     for name, value in peers.items():
         print(f"    {name:<28} {value}")

@@ -37,7 +37,7 @@ class NoImagesError(RuntimeError):
     pass
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and Path(path.stem).suffix not in LABEL_SUFFIXES
 
 
@@ -116,7 +116,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, root: str | Path) -> None:
         root = Path(root)
-        paths = sorted(p for p in root.rglob("*") if _is_image(p) and p.is_file())
+        paths = sorted(p for p in root.rglob("*") if is_image(p) and p.is_file())
         first_level = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
         self.classes = sorted({c for c in first_level if c is not None})
         index = {c: i for i, c in enumerate(self.classes)}
@@ -212,12 +212,12 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
         raise FileNotFoundError(f"{p}: no such file or folder")
     if p.is_dir():
         shards = sorted(p.glob("*.tar"))
-        if shards and source in (None, "tar") and not any(_is_image(q) for q in p.iterdir()):
+        if shards and source in (None, "tar") and not any(is_image(q) for q in p.iterdir()):
             return TarShardSource(shards)
         return FolderSource(p)
     if p.suffix.lower() in LIST_EXTENSIONS:
         return ListSource(p)
-    if _is_image(p):
+    if is_image(p):
         return ImageSource([(str(p), -1)], str(p))
     raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv list or .tar shards")
 

@@ -4,8 +4,9 @@ Every scene is deterministic from ``(seed, split, index)`` and defined in resolu
 so it renders at any size; splits draw from disjoint random streams and never share a scene. A scene
 carries all the ground truth the evaluations need: a class label (the shape with the most visible
 pixels, almost always the large main object near the centre), a semantic map (0 = background,
-1 + class), an instance map (0 = background, 1.. in drawing order), a depth map (objects are fronto-parallel at random depths in front of a tilted background plane,
-drawn far to near so occlusion agrees with depth) and an English caption. ``render_pair`` renders the
+1 + class), an instance map (0 = background, 1.. in drawing order), a depth map (objects are
+fronto-parallel at random depths in front of a tilted background plane, drawn far to near so occlusion
+agrees with depth) and an English caption. ``render_pair`` renders the
 scene twice, the second time under a known similarity transform, with dense ground-truth
 correspondences.
 """

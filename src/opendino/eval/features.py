@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -150,3 +151,49 @@ def save_features(features: Features, out: str | Path, meta: dict) -> list[Path]
     written.append(out.with_name(f"{out.stem}_meta.json"))
     written[-1].write_text(json.dumps(meta, indent=1))
     return written
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A digest of the weights: features cached for one model are never reused for another."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_features(
+    model: nn.Module, paths: Sequence[Path], cache_dir: str | Path, *, keep_patch: bool, **kwargs
+) -> Features:
+    """``extract_features`` whose result is stored in float16 safetensors under ``cache_dir``, keyed by
+    the weights, the files (paths, sizes, times) and the settings; a re-run loads it instead."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha1(model_fingerprint(model).encode())
+    for p in paths:
+        stat = Path(p).stat()
+        key.update(f"{p}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    settings = {k: v for k, v in kwargs.items() if k in ("resolution", "resize", "mean", "std")}
+    key.update(json.dumps({**settings, "keep_patch": keep_patch}, sort_keys=True, default=list).encode())
+    file = Path(cache_dir) / f"{key.hexdigest()[:24]}.safetensors"
+    if file.exists():
+        arrays = load_file(str(file))
+        meta = json.loads(file.with_suffix(".json").read_text())
+        return Features(
+            cls=arrays["cls"].float(),
+            pooled=arrays["pooled"].float(),
+            patch=arrays["patch"] if "patch" in arrays else None,  # float16: dense probes cast per batch
+            paths=meta["paths"],
+            skipped=meta["skipped"],
+            seconds=0.0,
+        )
+    features = extract_features(model, paths, keep_patch=keep_patch, **kwargs)
+    arrays = {"cls": features.cls, "pooled": features.pooled}
+    if features.patch is not None:
+        arrays["patch"] = features.patch
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in arrays.items()}, str(file))
+    file.with_suffix(".json").write_text(json.dumps({"paths": features.paths, "skipped": features.skipped}))
+    if features.patch is not None:
+        features.patch = features.patch.half()
+    return features

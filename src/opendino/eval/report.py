@@ -1,0 +1,114 @@
+"""The evaluation report: ``results.json``, ``report.md`` with tables, a bar chart and PCA / similarity
+pictures of the evaluated model next to its random-initialised twin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from opendino.data.sources import decode_image
+from opendino.eval.features import eval_transform
+from opendino.eval.visualize import panel
+
+LOWER_IS_BETTER = {"rmse", "abs_rel", "mean_error_px"}
+HEADLINE = {
+    "knn": "top1_k20",
+    "linear": "top1",
+    "logreg": "top1",
+    "seg": "miou",
+    "depth": "delta1",
+    "corr": "recall_1patch",
+}
+
+
+def _bar_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    tasks = [t for t in HEADLINE if t in results["trained"] and HEADLINE[t] in results["trained"][t]]
+    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.2))
+    for offset, (name, colour) in zip((-0.2, 0.2), (("trained", "tab:blue"), ("random_init", "tab:gray")), strict=True):
+        values = [results[name][t][HEADLINE[t]] for t in tasks]
+        ax.bar([i + offset for i in range(len(tasks))], values, width=0.4, label=name.replace("_", " "), color=colour)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n{HEADLINE[t]}" for t in tasks], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.inference_mode()
+def _pictures(models: dict[str, nn.Module], images: list[Path], settings: dict, path: Path) -> None:
+    transform = eval_transform(settings["resolution"], settings["mean"], settings["std"])
+    rows = []
+    for image_path in images:
+        image = decode_image(image_path)
+        if image is None:
+            continue
+        shown = torch.nn.functional.interpolate(
+            image[None].float(), size=(settings["resolution"],) * 2, mode="bilinear"
+        )
+        shown = shown[0].clamp(0, 255).to(torch.uint8)
+        for model in models.values():
+            device = next(model.parameters()).device
+            out = model.forward_features(transform(image)[None].to(device))
+            grid = settings["resolution"] // model.feature_stride
+            patch = out["x_norm_patchtokens"][0].float().cpu().reshape(grid, grid, -1)
+            rows.append(panel(shown, patch, foreground=False).resize((3 * 160 + 8, 160), Image.NEAREST))
+    if not rows:
+        return
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height + 4 for r in rows)), (255, 255, 255))
+    for k, row in enumerate(rows):
+        sheet.paste(row, (0, k * (row.height + 4)))
+    sheet.save(path)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(out: Path, results: dict, models: dict[str, nn.Module], images: list[Path], settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _bar_chart(results, out / "results.png")
+    _pictures(models, images, settings, out / "pictures.png")
+    meta = results["meta"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Model `{meta['model']}` against a random-initialised model of the same architecture; data "
+        f"`{meta['data']}` ({meta['n_train']} train / {meta['n_val']} val images, {len(meta['classes'])} classes), "
+        f"{meta['resolution']} px, {meta['date']}.",
+        "",
+        "| task | metric | trained | random init | better |",
+        "|---|---|---|---|---|",
+    ]
+    for task in meta["tasks"]:
+        trained, floor = results["trained"].get(task, {}), results["random_init"].get(task, {})
+        if "skipped" in trained:
+            lines.append(f"| {task} | skipped: {trained['skipped']} | | | |")
+            continue
+        for metric, value in trained.items():
+            if metric in ("lr", "C"):
+                continue
+            base = floor.get(metric)
+            better = (value < base) if metric in LOWER_IS_BETTER else (value > base)
+            lines.append(f"| {task} | {metric} | {_fmt(value)} | {_fmt(base)} | {'yes' if better else 'no'} |")
+    lines += [
+        "",
+        "![headline metrics](results.png)",
+        "",
+        "Each row of pictures: the input, the PCA of the patch features as RGB, and the cosine similarity "
+        "of every patch to the centre patch (green square); rows alternate trained / random init.",
+        "",
+        "![PCA and similarity](pictures.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,195 @@
+"""``opendino eval``: every evaluation of a model beside a random-initialised model of the same
+architecture, on the synthetic world or a user's labelled folder, written to ``results.json`` and
+``report.md`` (with plots and PCA / similarity pictures)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from opendino.eval.correspondence import correspondence_metrics, match_errors
+from opendino.eval.data import (
+    LabelledSplit,
+    dense_path,
+    load_depth,
+    load_flow,
+    load_segmentation,
+    open_labelled,
+    synthetic_folder,
+)
+from opendino.eval.dense import linear_depth, linear_segmentation
+from opendino.eval.features import Features, cached_features
+from opendino.eval.knn import knn_accuracy
+from opendino.eval.linear import linear_probe, logistic_regression
+from opendino.models import load_model
+from opendino.models.registry import LVD_MEAN, LVD_STD, create
+
+TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
+DENSE_TASKS = ("seg", "depth", "corr")
+
+
+def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
+    """A run folder (its ``teacher.safetensors`` and the normalisation and crop size of its config), a
+    checkpoint file, or a registered name; returns the model and ``{mean, std, resolution, out}``."""
+    path = Path(source)
+    if path.is_dir():
+        weights = path / "teacher.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"{path} has no teacher.safetensors: is it a finished `opendino train` run?")
+        crops = (
+            yaml.safe_load((path / "config.yaml").read_text()).get("crops", {})
+            if (path / "config.yaml").exists()
+            else {}
+        )
+        model = load_model(weights)
+        return model, {
+            "mean": tuple(crops.get("mean", LVD_MEAN)),
+            "std": tuple(crops.get("std", LVD_STD)),
+            "resolution": crops.get("global_size", 224),
+            "out": path / "eval",
+        }
+    model = load_model(source)
+    spec = getattr(model, "spec", None)
+    return model, {
+        "mean": spec.mean if spec else LVD_MEAN,
+        "std": spec.std if spec else LVD_STD,
+        "resolution": 224,
+        "out": Path(f"eval-{path.stem}"),
+    }
+
+
+def random_init_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return create(model.family, model.model_kwargs)
+
+
+def _labels(split: LabelledSplit, features: Features) -> tuple[list[Path], torch.Tensor]:
+    """The images that were read (unreadable ones are skipped) and their labels, in feature order."""
+    index = {str(p): i for i, p in enumerate(split.paths)}
+    rows = [index[p] for p in features.paths]
+    return [split.paths[i] for i in rows], split.labels[rows]
+
+
+def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, settings: dict, log) -> dict:
+    extract = {
+        "mean": settings["mean"],
+        "std": settings["std"],
+        "resolution": settings["resolution"],
+        "device": settings["device"],
+        "batch_size": settings["batch_size"],
+        "progress": settings["progress"],
+    }
+    res, cache = settings["resolution"], settings["cache"] / "features"
+    dense = any(t in DENSE_TASKS for t in tasks)
+    feats = {s: cached_features(model, splits[s].paths, cache, keep_patch=dense, **extract) for s in splits}
+    (train_paths, train_y), (val_paths, val_y) = (_labels(splits[s], feats[s]) for s in ("train", "val"))
+    tr, va = feats["train"], feats["val"]
+    results: dict[str, dict] = {}
+    for task in tasks:
+        start = time.perf_counter()
+        if task == "knn":
+            acc = knn_accuracy(tr.cls, train_y, va.cls, val_y, ks=(10, 20, 100, 200))
+            results[task] = {f"top1_k{k}": v for k, v in acc.items()}
+        elif task == "linear":
+            results[task] = linear_probe(
+                torch.cat([tr.cls, tr.pooled], 1), train_y, torch.cat([va.cls, va.pooled], 1), val_y
+            )
+        elif task == "logreg":
+            results[task] = logistic_regression(tr.cls, train_y, va.cls, val_y)
+        elif task == "seg":
+            if not splits["val"].has(".seg.png"):
+                results[task] = {"skipped": "no <stem>.seg.png labels beside the images"}
+                continue
+            train_maps, val_maps = load_segmentation(train_paths, res), load_segmentation(val_paths, res)
+            labelled = torch.cat([train_maps[train_maps != 255], val_maps[val_maps != 255]])
+            results[task] = linear_segmentation(
+                tr.patch, train_maps, va.patch, val_maps, n_classes=int(labelled.max()) + 1
+            )
+        elif task == "depth":
+            if not splits["val"].has(".depth.png"):
+                results[task] = {"skipped": "no <stem>.depth.png labels beside the images"}
+                continue
+            train_depth, val_depth = load_depth(train_paths, res), load_depth(val_paths, res)
+            max_depth = float(math.ceil(max(train_depth.max(), val_depth.max())))
+            results[task] = linear_depth(tr.patch, train_depth, va.patch, val_depth, max_depth=max_depth)
+        elif task == "corr":
+            pairs = [
+                p for p in val_paths if dense_path(p, ".view2.png").exists() and dense_path(p, ".flow.npy").exists()
+            ]
+            if not pairs:
+                results[task] = {"skipped": "no <stem>.view2.png / <stem>.flow.npy pairs beside the images"}
+                continue
+            second = cached_features(
+                model, [dense_path(p, ".view2.png") for p in pairs], cache, keep_patch=True, **extract
+            )
+            row = {str(p): i for i, p in enumerate(val_paths)}
+            stride = res // va.patch.shape[1]
+            errors = torch.cat(
+                [
+                    match_errors(va.patch[row[str(p)]], second.patch[k], load_flow(p, res), stride)
+                    for k, p in enumerate(pairs)
+                ]
+            )
+            results[task] = correspondence_metrics(errors, stride)
+        log(f"  {task:<7} {json.dumps(results[task])} ({time.perf_counter() - start:.0f}s)")
+    return results
+
+
+def evaluate(
+    source: str | Path,
+    data: str = "synthetic",
+    tasks: tuple[str, ...] = TASKS,
+    out: str | Path | None = None,
+    resolution: int | None = None,
+    n_train: int = 1000,
+    n_val: int = 500,
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Evaluates ``source`` and a random-initialised twin; writes ``results.json`` and ``report.md``."""
+    from opendino.eval.report import write_report
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}")
+    model, info = resolve_model(source)
+    res = resolution or info["resolution"]
+    if res % model.feature_stride:
+        raise ValueError(f"resolution {res} is not a multiple of the model's stride {model.feature_stride}")
+    out = Path(out) if out is not None else info["out"]
+    cache = out / "cache"
+    root = synthetic_folder(cache, n_train, n_val, res) if data == "synthetic" else Path(data)
+    splits = open_labelled(root)
+    settings = {
+        **info,
+        "resolution": res,
+        "device": device,
+        "batch_size": batch_size,
+        "progress": progress,
+        "cache": cache,
+    }
+    results = {}
+    models = {"trained": model, "random_init": random_init_like(model)}
+    for name, m in models.items():
+        log(f"{name}:")
+        results[name] = run_tasks(m.to(device).eval(), splits, tasks, settings, log)
+    results["meta"] = {
+        "model": str(source),
+        "data": str(root),
+        "classes": splits["train"].classes,
+        "n_train": len(splits["train"].paths),
+        "n_val": len(splits["val"].paths),
+        "resolution": res,
+        "tasks": list(tasks),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    write_report(out, results, models, splits["val"].paths[:4], settings)
+    return results
