@@ -165,13 +165,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
-    out = Path(args.out) if args.out else None
     print(f"\n{'task':<8} {'metric':<15} {'trained':>9} {'random init':>12}")
     for task in tasks:
         for metric, value in results["trained"][task].items():
             if isinstance(value, float) and metric not in ("lr", "C"):
                 print(f"{task:<8} {metric:<15} {value:>9.4f} {results['random_init'][task][metric]:>12.4f}")
-    print(f"\nreport: {(out or Path(args.model) / 'eval') if Path(args.model).is_dir() or out else 'eval-*'}/report.md")
+    print(f"\nreport: {results['meta']['report']}")
     return 0
 
 

@@ -190,6 +190,7 @@ def evaluate(
         "resolution": res,
         "tasks": list(tasks),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "report": str(out / "report.md"),
     }
     write_report(out, results, models, splits["val"].paths[:4], settings)
     return results
