@@ -160,3 +160,30 @@ def test_eval_and_visualize_commands_end_to_end(tmp_path, capsys):
     assert len(list((tmp_path / "pics").glob("*.png"))) >= 10
     assert main(["eval", str(tmp_path / "tiny.safetensors"), "--tasks", "knn,typo"]) == 2
     assert "valid: knn,linear" in capsys.readouterr().err
+
+
+def test_a_users_folder_without_dense_labels_keeps_cls_only(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from opendino.eval.suite import evaluate
+
+    _tiny_model(tmp_path)
+    for split in ("train", "val"):
+        for k, name in enumerate(("cats", "dogs")):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (48, 40), (200 * k, 30 * i, 90)).save(tmp_path / "data" / split / name / f"{i}.jpg")
+    results = evaluate(
+        tmp_path / "tiny.safetensors",
+        data=str(tmp_path / "data"),
+        tasks=("knn", "seg"),
+        out=tmp_path / "r",
+        resolution=32,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert results["meta"]["classes"] == ["cats", "dogs"] and results["meta"]["n_val"] == 8
+    assert "skipped" in results["trained"]["seg"] and 0 <= results["trained"]["knn"]["top1_k10"] <= 1
+    cached = list((tmp_path / "r" / "cache" / "features").glob("*.safetensors"))
+    assert cached and all("patch" not in load_file(str(f)) for f in cached)

@@ -84,9 +84,11 @@ def extract_features(
     dtype: str = "fp32",
     num_workers: int = 0,
     keep_patch: bool = True,
+    patch_dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> Features:
-    """Runs ``model.forward_features`` over the images; unreadable files are skipped and listed."""
+    """Runs ``model.forward_features`` over the images; unreadable files are skipped and listed.
+    ``patch_dtype=torch.float16`` halves the memory of the patch grids of large sets."""
     device = torch.device(device)
     model = model.to(device).eval()
     loader = DataLoader(
@@ -109,7 +111,7 @@ def extract_features(
         cls.append(out["x_norm_clstoken"].float().cpu())
         pooled.append(tokens.mean(1).cpu())
         if keep_patch:
-            patch.append(tokens.reshape(len(indices), h, w, -1).cpu())
+            patch.append(tokens.reshape(len(indices), h, w, -1).to(patch_dtype).cpu())
         kept += [str(paths[i]) for i in indices]
     seconds = time.perf_counter() - start
     if not kept:
@@ -187,13 +189,11 @@ def cached_features(
             skipped=meta["skipped"],
             seconds=0.0,
         )
-    features = extract_features(model, paths, keep_patch=keep_patch, **kwargs)
+    features = extract_features(model, paths, keep_patch=keep_patch, patch_dtype=torch.float16, **kwargs)
     arrays = {"cls": features.cls, "pooled": features.pooled}
     if features.patch is not None:
         arrays["patch"] = features.patch
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in arrays.items()}, str(file))
     file.with_suffix(".json").write_text(json.dumps({"paths": features.paths, "skipped": features.skipped}))
-    if features.patch is not None:
-        features.patch = features.patch.half()
     return features

@@ -86,7 +86,14 @@ def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, setting
         "progress": settings["progress"],
     }
     res, cache = settings["resolution"], settings["cache"] / "features"
-    dense = any(t in DENSE_TASKS for t in tasks)
+    # Patch grids only when a dense task has its labels: a large classification folder keeps CLS only.
+    val = splits["val"]
+    labelled = {
+        "seg": val.has(".seg.png"),
+        "depth": val.has(".depth.png"),
+        "corr": any(dense_path(p, ".flow.npy").exists() for p in val.paths),
+    }
+    dense = any(labelled[t] for t in tasks if t in DENSE_TASKS)
     feats = {s: cached_features(model, splits[s].paths, cache, keep_patch=dense, **extract) for s in splits}
     (train_paths, train_y), (val_paths, val_y) = (_labels(splits[s], feats[s]) for s in ("train", "val"))
     tr, va = feats["train"], feats["val"]
@@ -103,16 +110,16 @@ def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, setting
         elif task == "logreg":
             results[task] = logistic_regression(tr.cls, train_y, va.cls, val_y)
         elif task == "seg":
-            if not splits["val"].has(".seg.png"):
+            if not labelled["seg"]:
                 results[task] = {"skipped": "no <stem>.seg.png labels beside the images"}
                 continue
             train_maps, val_maps = load_segmentation(train_paths, res), load_segmentation(val_paths, res)
-            labelled = torch.cat([train_maps[train_maps != 255], val_maps[val_maps != 255]])
+            classes = torch.cat([train_maps[train_maps != 255], val_maps[val_maps != 255]])
             results[task] = linear_segmentation(
-                tr.patch, train_maps, va.patch, val_maps, n_classes=int(labelled.max()) + 1
+                tr.patch, train_maps, va.patch, val_maps, n_classes=int(classes.max()) + 1
             )
         elif task == "depth":
-            if not splits["val"].has(".depth.png"):
+            if not labelled["depth"]:
                 results[task] = {"skipped": "no <stem>.depth.png labels beside the images"}
                 continue
             train_depth, val_depth = load_depth(train_paths, res), load_depth(val_paths, res)
