@@ -198,3 +198,27 @@ def test_compiled_blocks_train_like_eager(preset, tmp_path):
     # The same first step; later ones drift apart by float rounding amplified through the updates.
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     assert runs[True] == pytest.approx(runs[False], rel=5e-2)
+
+
+def test_gram_refresh_rule():
+    from opendino.train.config import GramConfig
+
+    steps = [s for s in range(40) if GramConfig(refresh_from=10, refresh_every=10, max_refreshes=3).refreshes_at(s)]
+    assert steps == [10, 20, 30]
+    assert [s for s in range(40) if GramConfig(refresh_from=5).refreshes_at(s)] == [5]
+    assert not any(GramConfig().refreshes_at(s) for s in range(40))
+
+
+def test_gram_anchoring_run_logs_the_term_and_refreshes_its_teacher(preset, tmp_path):
+    run = tmp_path / "gram"
+    overrides = [f"run.dir={run}", "gram.enabled=true", "gram.refresh_from=5", "gram.loss_weight=2.0"]
+    cfg = load_train_config(preset, overrides)
+    Trainer(cfg).run()
+    records = read_metrics(run)
+    # Never zero: the student sees masked crops with drop path, the Gram teacher 2x crops resized bicubically.
+    assert all(r["gram_weight"] == 2.0 and 0 < r["gram"] < 4 for r in records)
+    before = torch.load(run / "checkpoints" / "step_00000007.pt", weights_only=True)["model"]
+    gram = {k[len("gram_teacher.") :]: v for k, v in before.items() if k.startswith("gram_teacher.")}
+    initial = SSLRecipe(cfg).state_dict()
+    assert not torch.equal(gram["cls_token"], initial["gram_teacher.cls_token"])  # refreshed at step 5
+    assert not torch.equal(gram["cls_token"], before["teacher.backbone.cls_token"])  # and frozen since

@@ -11,9 +11,18 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opendino.losses import LossWeights, dino_loss, ibot_loss_masked, koleo_loss, sinkhorn_knopp, total_loss
+from opendino.losses import (
+    LossWeights,
+    dino_loss,
+    gram_loss,
+    ibot_loss_masked,
+    koleo_loss,
+    sinkhorn_knopp,
+    total_loss,
+)
 from opendino.models import DINOHead, build_model
 from opendino.train.config import TrainConfig
 
@@ -45,6 +54,8 @@ class SSLRecipe(nn.Module):
         self.teacher = copy.deepcopy(self.student)  # identical start, as the official recipe
         self.teacher.requires_grad_(False)
         self.teacher.eval()  # no drop path, no RoPE augmentation, ever
+        # Gram anchoring: a frozen backbone whose patch-similarity structure the student keeps.
+        self.gram_teacher = copy.deepcopy(self.teacher.backbone) if cfg.gram.enabled else None
         self.weights = LossWeights(
             cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.global_ignore_diagonal
         )
@@ -52,7 +63,27 @@ class SSLRecipe(nn.Module):
     def train(self, mode: bool = True) -> SSLRecipe:
         super().train(mode)
         self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """The Gram teacher becomes a copy of the current EMA teacher (the official ``rep_update``)."""
+        for gram, ema in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters(), strict=True):
+            gram.copy_(ema)
+
+    @torch.no_grad()
+    def gram_targets(self, crops: Tensor, grid: int) -> Tensor:
+        """The Gram teacher's patch features of its (larger) crops, resized bicubically (no antialias) to
+        the student's ``grid x grid`` patches: ``[2B, grid * grid, D]``."""
+        tokens = self.gram_teacher.forward_features(crops)["x_norm_patchtokens"]
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side != grid:
+            maps = tokens.transpose(1, 2).unflatten(2, (side, side)).float()
+            maps = F.interpolate(maps, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
+            tokens = maps.flatten(2).transpose(1, 2)
+        return tokens
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor]:
@@ -68,7 +99,9 @@ class SSLRecipe(nn.Module):
         )
         return cls_probs, patch_probs
 
-    def forward(self, batch: dict, teacher_temp: float, dino_local_weight: float = 1.0) -> tuple[Tensor, dict]:
+    def forward(
+        self, batch: dict, teacher_temp: float, dino_local_weight: float = 1.0, gram_weight: float = 0.0
+    ) -> tuple[Tensor, dict]:
         """The total loss and its terms (tensors) for a collated batch already on the device."""
         cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp)
         masks = batch["collated_masks"]
@@ -89,8 +122,22 @@ class SSLRecipe(nn.Module):
         terms["ibot"] = ibot_loss_masked(
             self.student.ibot_head(patches), patch_probs, masks, batch["masks_weight"], temp
         )
+        if self.gram_teacher is not None:
+            g = self.cfg.gram
+            student_patches = glob["x_norm_patchtokens"]
+            grid = int(round(student_patches.shape[1] ** 0.5))
+            terms["gram"] = gram_loss(
+                student_patches,
+                self.gram_targets(batch["gram"], grid),
+                normalize=g.normalized,
+                img_level=g.img_level,
+                remove_neg=g.remove_neg,
+                remove_only_teacher_neg=g.remove_only_teacher_neg,
+            )
         n_local = local_logits.shape[0]
-        loss = total_loss(self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, **terms)
+        loss = total_loss(
+            self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, gram_weight=gram_weight, **terms
+        )
         return loss, terms
 
     @torch.no_grad()

@@ -119,6 +119,30 @@ class InitConfig:
 
 
 @dataclasses.dataclass
+class GramConfig:
+    """Gram anchoring (recipe.md §2.6, §4.3): a frozen Gram teacher, its crops and the refresh rule."""
+
+    enabled: bool = False
+    loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
+    checkpoint: str | None = None  # the Gram teacher's backbone; default: the EMA teacher at the start
+    refresh_from: int | None = None  # copy the EMA teacher into the Gram teacher at this step ...
+    refresh_every: int = 0  # ... and every k steps after it ...
+    max_refreshes: int = 1  # ... this many times in all
+    crop_scale: float = 2.0  # Gram-teacher crops at this multiple of the global crop size
+    no_distortions: bool = True  # its crops without photometric distortion
+    img_level: bool = True
+    normalized: bool = True
+    remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+
+    def refreshes_at(self, step: int) -> bool:
+        if self.refresh_from is None or step < self.refresh_from:
+            return False
+        k, rest = divmod(step - self.refresh_from, self.refresh_every or 1)
+        return rest == 0 and k < self.max_refreshes and (self.refresh_every > 0 or k == 0)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -133,6 +157,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    gram: GramConfig = dataclasses.field(default_factory=GramConfig)
 
     @property
     def total_steps(self) -> int:

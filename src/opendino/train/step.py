@@ -34,11 +34,12 @@ def train_step(
     momentum: float,
     clip_grad: float,
     dino_local_weight: float = 1.0,
+    gram_weight: float = 0.0,
     autocast: bool = False,
 ) -> StepResult:
     device = batch["global"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss, terms = recipe(batch, teacher_temp, dino_local_weight)
+        loss, terms = recipe(batch, teacher_temp, dino_local_weight, gram_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norms = recipe.clip_gradients(clip_grad)

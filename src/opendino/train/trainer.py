@@ -62,6 +62,8 @@ class Trainer:
             tuple(c.global_scale),
             tuple(c.local_scale),
             c.horizontal_flips,
+            gram_size=round(c.global_size * self.cfg.gram.crop_scale) if self.cfg.gram.enabled else None,
+            gram_no_distortions=self.cfg.gram.no_distortions,
             mean=tuple(c.mean),
             std=tuple(c.std),
         )
@@ -101,6 +103,11 @@ class Trainer:
             print(f"resuming {self.run_dir} after step {step}")
         elif cfg.init.backbone:
             self._init_backbone(recipe)
+        if resumed is None and recipe.gram_teacher is not None:
+            if cfg.gram.checkpoint:
+                recipe.gram_teacher.load_state_dict(load_model(cfg.gram.checkpoint).state_dict())
+            else:
+                recipe.refresh_gram_teacher()  # the EMA teacher at the start of the run
 
         if cfg.train.compile:
             compile_recipe(recipe)
@@ -156,6 +163,13 @@ class Trainer:
                     batch = multicrop.photometric_collated(batch)
                 skipped_total += len(batch["skipped"])
                 local_weight = schedules.dino_local_loss_weight[step] if schedules.dino_local_loss_weight else 1.0
+                gram_weight = 0.0
+                if recipe.gram_teacher is not None:
+                    gram_weight = (
+                        schedules.gram_loss_weight[step] if schedules.gram_loss_weight else cfg.gram.loss_weight
+                    )
+                    if cfg.gram.refreshes_at(step):
+                        recipe.refresh_gram_teacher()
                 result = train_step(
                     recipe,
                     optimizer,
@@ -164,6 +178,7 @@ class Trainer:
                     momentum=schedules.momentum[step],
                     clip_grad=cfg.optim.clip_grad,
                     dino_local_weight=local_weight,
+                    gram_weight=gram_weight,
                     autocast=device.type == "cuda",
                 )
                 pending.append((step, result.finite))
@@ -181,6 +196,7 @@ class Trainer:
                             "teacher_temp": schedules.teacher_temp[step],
                             "momentum": schedules.momentum[step],
                             "dino_local_weight": local_weight,
+                            **({"gram_weight": gram_weight} if recipe.gram_teacher is not None else {}),
                             **{f"grad_norm_{k}": v.item() for k, v in result.grad_norms.items()},
                             "skipped_images": skipped_total,
                             "images_per_s": window_images / (now - window_start),
