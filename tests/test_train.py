@@ -222,3 +222,30 @@ def test_gram_anchoring_run_logs_the_term_and_refreshes_its_teacher(preset, tmp_
     initial = SSLRecipe(cfg).state_dict()
     assert not torch.equal(gram["cls_token"], initial["gram_teacher.cls_token"])  # refreshed at step 5
     assert not torch.equal(gram["cls_token"], before["teacher.backbone.cls_token"])  # and frozen since
+
+
+def test_three_stage_chain_pretrain_gram_hires(preset, tmp_path):
+    """Stage 2 continues stage 1 (models, optimizer, step) with a Gram teacher taken from its EMA teacher;
+    stage 3 starts fresh from stage 2's teacher with mixed resolutions and a fixed Gram teacher."""
+    s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
+    Trainer(load_train_config(preset, [f"run.dir={s1}", "train.steps=8"])).run()
+    stage2 = [f"run.dir={s2}", f"init.from_run={s1}", "gram.enabled=true", "train.steps=12"]
+    Trainer(load_train_config(preset, stage2)).run()
+    steps = [r["step"] for r in read_metrics(s2)]
+    assert steps == [8, 9, 10, 11] and all(r["gram"] > 0 for r in read_metrics(s2))
+    stage3 = [
+        f"run.dir={s3}",
+        f"init.from_run={s2}",
+        "init.from_mode=teacher",
+        "gram.enabled=true",
+        f"gram.checkpoint={s2 / 'teacher.safetensors'}",
+        "crops.resolution_sets=[[32,16,48,0.5],[48,16,64,0.5]]",
+        "train.steps=4",
+    ]
+    cfg = load_train_config(preset, stage3)
+    Trainer(cfg).run()
+    assert [r["step"] for r in read_metrics(s3)] == [0, 1, 2, 3]
+    # Stage 3's Gram teacher is stage 2's exported teacher, unchanged (no refresh).
+    state = torch.load(s3 / "checkpoints" / "step_00000003.pt", weights_only=True)["model"]
+    gram = load_model(s2 / "teacher.safetensors").state_dict()
+    assert all(torch.equal(state[f"gram_teacher.{k}"], v) for k, v in gram.items())

@@ -54,6 +54,9 @@ class CropsConfig:
     horizontal_flips: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # High-resolution adaptation (recipe.md §4.4): rows of [global, local, Gram teacher, probability]; one
+    # row is drawn per step (the same on every rank). Empty: the single set above.
+    resolution_sets: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -116,6 +119,12 @@ class LogConfig:
 class InitConfig:
     backbone: str | None = None  # continue pretraining from released / earlier weights (fresh heads)
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
+    # Start a stage from an earlier run folder (its newest checkpoint):
+    #   continue: models, heads, optimizer and step counter carry on (Gram anchoring after pretraining);
+    #   teacher: student and EMA teacher both start from its EMA teacher with heads, fresh optimizer and
+    #            schedule (high-resolution adaptation).
+    from_run: str | None = None
+    from_mode: str = "continue"
 
 
 @dataclasses.dataclass

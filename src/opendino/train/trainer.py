@@ -53,20 +53,29 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-    def _crop_config(self) -> CropConfig:
-        c = self.cfg.crops
-        return CropConfig(
-            c.global_size,
-            c.local_size,
-            c.n_local,
-            tuple(c.global_scale),
-            tuple(c.local_scale),
-            c.horizontal_flips,
-            gram_size=round(c.global_size * self.cfg.gram.crop_scale) if self.cfg.gram.enabled else None,
-            gram_no_distortions=self.cfg.gram.no_distortions,
-            mean=tuple(c.mean),
-            std=tuple(c.std),
-        )
+    def _crop_sets(self) -> tuple[list[CropConfig], list[float]]:
+        """One crop-size set, or the mixed resolutions of high-resolution adaptation with their odds."""
+        c, gram = self.cfg.crops, self.cfg.gram
+        rows = c.resolution_sets or [[c.global_size, c.local_size, c.global_size * gram.crop_scale, 1.0]]
+        sets = []
+        for row in rows:
+            if len(row) != 4:
+                raise ValueError(f"crops.resolution_sets row {row}: need [global, local, Gram teacher, probability]")
+            sets.append(
+                CropConfig(
+                    int(row[0]),
+                    int(row[1]),
+                    c.n_local,
+                    tuple(c.global_scale),
+                    tuple(c.local_scale),
+                    c.horizontal_flips,
+                    gram_size=round(row[2]) if gram.enabled else None,
+                    gram_no_distortions=gram.no_distortions,
+                    mean=tuple(c.mean),
+                    std=tuple(c.std),
+                )
+            )
+        return sets, [float(row[3]) for row in rows]
 
     def _schedules(self):
         cfg = self.cfg
@@ -101,6 +110,8 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             start, bad_steps, skipped_total = step + 1, state["bad_steps"], state["skipped_images"]
             print(f"resuming {self.run_dir} after step {step}")
+        elif cfg.init.from_run:
+            start = self._init_from_run(recipe, optimizer)
         elif cfg.init.backbone:
             self._init_backbone(recipe)
         if resumed is None and recipe.gram_teacher is not None:
@@ -111,10 +122,12 @@ class Trainer:
 
         if cfg.train.compile:
             compile_recipe(recipe)
-        multicrop = MultiCrop(self._crop_config())
+        crop_sets, crop_odds = self._crop_sets()
+        multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
         loader = build_ssl_loader(
             source,
-            [multicrop.config],
+            crop_sets,
+            crop_set_probs=crop_odds,
             batch_size=cfg.train.batch_size,
             patch_size=getattr(recipe.student.backbone, "patch_size", 16),
             seed=cfg.train.seed,
@@ -227,6 +240,27 @@ class Trainer:
             "skipped_images": skipped,
         }
         save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
+
+    def _init_from_run(self, recipe: SSLRecipe, optimizer: torch.optim.Optimizer) -> int:
+        """Starts this stage from an earlier run's newest checkpoint (``init.from_mode``); returns the step."""
+        cfg = self.cfg.init
+        previous = load_latest(Path(cfg.from_run) / "checkpoints")
+        if previous is None:
+            raise FileNotFoundError(f"init.from_run={cfg.from_run}: no readable checkpoint in its checkpoints/")
+        step, state = previous
+        model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
+        if cfg.from_mode == "continue":
+            recipe.load_state_dict(model, strict=False)  # the Gram teacher is this stage's own
+            optimizer.load_state_dict(state["optimizer"])
+            print(f"continuing {cfg.from_run} after its step {step}")
+            return step + 1
+        if cfg.from_mode == "teacher":
+            teacher = {k[len("teacher.") :]: v for k, v in model.items() if k.startswith("teacher.")}
+            recipe.student.load_state_dict(teacher)
+            recipe.teacher.load_state_dict(teacher)
+            print(f"starting from the EMA teacher of {cfg.from_run} (its step {step}), fresh schedule")
+            return 0
+        raise ValueError(f"init.from_mode={cfg.from_mode!r}; valid: continue, teacher")
 
     def _init_backbone(self, recipe: SSLRecipe) -> None:
         """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
