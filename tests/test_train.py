@@ -249,3 +249,28 @@ def test_three_stage_chain_pretrain_gram_hires(preset, tmp_path):
     state = torch.load(s3 / "checkpoints" / "step_00000003.pt", weights_only=True)["model"]
     gram = load_model(s2 / "teacher.safetensors").state_dict()
     assert all(torch.equal(state[f"gram_teacher.{k}"], v) for k, v in gram.items())
+
+
+def test_dense_monitor_reads_label_carrying_features_and_logs_in_runs(preset, tmp_path):
+    from opendino.train.monitor import N_SEG_CLASSES, DenseMonitor
+
+    monitor = DenseMonitor(32, 8, (0.5,) * 3, (0.2,) * 3, n_fit=24, n_eval=12)
+
+    class Oracle(torch.nn.Module):  # patch features = the one-hot patch labels (plus noise)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward_features(self, x):
+            onehot = torch.nn.functional.one_hot(monitor.patch_labels.flatten(1), N_SEG_CLASSES).float()
+            return {"x_norm_patchtokens": onehot + 0.01 * torch.randn_like(onehot), "x_norm_clstoken": onehot.mean(1)}
+
+    assert monitor(Oracle())["monitor_seg_miou"] > 0.95
+    run = tmp_path / "monitored"
+    cfg = load_train_config(preset, [f"run.dir={run}", "monitor.every=3", "log.every=3", "gram.enabled=true"])
+    Trainer(cfg).run()
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "monitor_seg_miou" in r] == [2, 5, 8, 11]
+    for r in records:
+        assert 0 <= r["monitor_seg_miou"] <= 1 and -1 <= r["monitor_cls_patch_cos"] <= 1
+        assert r["monitor_gram_distance"] >= 0 and 0 <= r["monitor_knn"] <= 1

@@ -152,6 +152,16 @@ class GramConfig:
 
 
 @dataclasses.dataclass
+class MonitorConfig:
+    """The dense-quality monitor (``opendino.train.monitor``) on held-out synthetic scenes."""
+
+    every: int = 0  # steps; 0 = off; a multiple of log.every (its values join that step's record)
+    n_fit: int = 64
+    n_eval: int = 32
+    size: int | None = None  # default: the global crop size
+
+
+@dataclasses.dataclass
 class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -167,6 +177,7 @@ class TrainConfig:
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     gram: GramConfig = dataclasses.field(default_factory=GramConfig)
+    monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
 
     @property
     def total_steps(self) -> int:

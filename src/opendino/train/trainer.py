@@ -24,6 +24,7 @@ from opendino.recipes.ssl import SSLRecipe
 from opendino.train.checkpoint import load_latest, save_checkpoint
 from opendino.train.config import TrainConfig
 from opendino.train.logging import MetricsLog
+from opendino.train.monitor import DenseMonitor
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.parallel import compile_recipe
 from opendino.train.schedules import build_schedules_v2, scale_lr
@@ -138,6 +139,13 @@ class Trainer:
             mask_probability=cfg.loss.mask_probability,
         )
         batches = iter(loader)
+        monitor = None
+        if cfg.monitor.every:
+            if cfg.monitor.every % cfg.log.every:
+                raise ValueError(f"monitor.every={cfg.monitor.every} must be a multiple of log.every={cfg.log.every}")
+            patch = getattr(recipe.teacher.backbone, "patch_size", 16)
+            size = cfg.monitor.size or cfg.crops.global_size
+            monitor = DenseMonitor(size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval)
         log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
         backbone_groups = [g for g in optimizer.param_groups if g["names"][0].startswith("backbone.")]
         total = cfg.total_steps
@@ -214,6 +222,8 @@ class Trainer:
                             "skipped_images": skipped_total,
                             "images_per_s": window_images / (now - window_start),
                         }
+                        if monitor is not None and (step + 1) % cfg.monitor.every == 0:
+                            record.update(monitor(recipe.teacher.backbone, recipe.gram_teacher))
                         log.log(record)
                         bar.set_postfix(loss=f"{record['loss']:.3f}")
                         window_start, window_images = now, 0
