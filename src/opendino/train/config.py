@@ -156,8 +156,8 @@ class MonitorConfig:
     """The dense-quality monitor (``opendino.train.monitor``) on held-out synthetic scenes."""
 
     every: int = 0  # steps; 0 = off; a multiple of log.every (its values join that step's record)
-    n_fit: int = 64
-    n_eval: int = 32
+    n_fit: int = 256
+    n_eval: int = 128
     size: int | None = None  # default: the global crop size
 
 

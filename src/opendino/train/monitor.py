@@ -1,8 +1,9 @@
 """A dense-quality monitor inside training (the measurement that showed the paper its dense degradation).
 
 Every ``monitor.every`` steps the EMA teacher is evaluated on a fixed held-out set of synthetic scenes:
-a closed-form linear segmentation probe of its patch features (ridge regression onto the majority class of
-each patch, fitted on ``n_fit`` scenes, mIoU on ``n_eval`` others), the mean cosine similarity between the
+a training-free segmentation probe of its patch features (each patch of ``n_eval`` scenes takes the
+majority class of its nearest patch among ``n_fit`` other scenes, by cosine similarity; mIoU), as in the
+in-context dense evaluations of Balažević et al. (2023), the mean cosine similarity between the
 CLS token and the patch tokens (it rises when patch features collapse towards the global one), a k-NN
 accuracy of the CLS token (k = 10, the same scenes) as the global counterpart, and, with Gram anchoring,
 the Gram loss between the teacher's and the Gram teacher's patch features.
@@ -44,7 +45,7 @@ class DenseMonitor:
         patches = out["x_norm_patchtokens"].float().cpu()  # [N, P, D]
         cls = out["x_norm_clstoken"].float().cpu()
         result = {
-            "monitor_seg_miou": self._ridge_miou(patches),
+            "monitor_seg_miou": self._retrieval_miou(patches),
             "monitor_cls_patch_cos": F.cosine_similarity(cls[:, None], patches, dim=-1).mean().item(),
             "monitor_knn": knn_accuracy(
                 cls[: self.n_fit], self.labels[: self.n_fit], cls[self.n_fit :], self.labels[self.n_fit :], ks=(10,)
@@ -55,13 +56,10 @@ class DenseMonitor:
             result["monitor_gram_distance"] = gram_loss(patches, anchor.cpu()).item()
         return result
 
-    def _ridge_miou(self, patches: Tensor) -> float:
-        x = patches.double()
-        x = (x - x[: self.n_fit].mean((0, 1))) / x[: self.n_fit].std((0, 1)).clamp(min=1e-6)
-        x = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)], -1)  # bias
-        y = F.one_hot(self.patch_labels.flatten(1), N_SEG_CLASSES).double()
-        fit_x, fit_y = x[: self.n_fit].flatten(0, 1), y[: self.n_fit].flatten(0, 1)
-        gram = fit_x.t() @ fit_x
-        weights = torch.linalg.solve(gram + 1e-2 * gram.diagonal().mean() * torch.eye(len(gram)), fit_x.t() @ fit_y)
-        predicted = (x[self.n_fit :] @ weights).argmax(-1)
-        return mean_iou(predicted, self.patch_labels[self.n_fit :].flatten(1), N_SEG_CLASSES)["miou"]
+    def _retrieval_miou(self, patches: Tensor) -> float:
+        """Each held-out patch takes the label of its most similar fitting patch (cosine)."""
+        fit = F.normalize(patches[: self.n_fit].flatten(0, 1), dim=-1)
+        held_out = F.normalize(patches[self.n_fit :].flatten(0, 1), dim=-1)
+        nearest = (held_out @ fit.t()).argmax(1)
+        predicted = self.patch_labels[: self.n_fit].flatten()[nearest]
+        return mean_iou(predicted, self.patch_labels[self.n_fit :].flatten(), N_SEG_CLASSES)["miou"]
