@@ -10,7 +10,15 @@ import torch
 
 from opendino.cli import main
 from opendino.eval.correspondence import correspondence_metrics, match_errors
-from opendino.eval.dense import depth_metrics, linear_depth, linear_segmentation, mean_iou, sig_loss
+from opendino.eval.dense import (
+    depth_metrics,
+    linear_depth,
+    linear_segmentation,
+    mean_iou,
+    nearest_neighbour_segmentation,
+    patch_majority,
+    sig_loss,
+)
 from opendino.eval.features import cached_features
 from opendino.eval.knn import knn_accuracy
 from opendino.eval.linear import linear_probe, logistic_regression
@@ -31,6 +39,18 @@ def test_mean_iou_and_pixel_accuracy_by_hand():
     result = mean_iou(predicted, target, 3)
     assert math.isclose(result["miou"], (2 / 4 + 2 / 3 + 1 / 2) / 3, rel_tol=1e-6)
     assert math.isclose(result["pixel_accuracy"], 5 / 7, rel_tol=1e-6)
+
+
+def test_patch_majority_and_nearest_neighbour_segmentation():
+    maps = torch.tensor([[[1, 1, 0, 0], [1, 2, 0, 255], [3, 3, 255, 255], [3, 0, 255, 255]]])
+    assert patch_majority(maps, 2, 4).tolist() == [[[1, 0], [3, 255]]]
+    # Features that equal the patch label one-hot transfer labels exactly; a shuffled copy does not.
+    labels = torch.randint(0, 3, (6, 4, 4), generator=torch.Generator().manual_seed(0))
+    maps = labels.repeat_interleave(2, 1).repeat_interleave(2, 2).to(torch.uint8)
+    features = torch.nn.functional.one_hot(labels, 3).float()
+    assert nearest_neighbour_segmentation(features[:4], maps[:4], features[4:], maps[4:], n_classes=3)["miou"] == 1.0
+    noise = torch.randn(6, 4, 4, 3, generator=torch.Generator().manual_seed(1))
+    assert nearest_neighbour_segmentation(noise[:4], maps[:4], noise[4:], maps[4:], n_classes=3)["miou"] < 0.6
 
 
 def test_depth_metrics_and_sig_loss_by_hand():
@@ -138,7 +158,7 @@ def test_eval_and_visualize_commands_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"trained", "random_init", "meta"}
     assert set(results["trained"]) == {"knn", "linear", "seg", "depth", "corr"}
-    assert 0 <= results["random_init"]["seg"]["miou"] <= 1
+    assert 0 <= results["random_init"]["seg"]["miou"] <= 1 and 0 <= results["trained"]["seg"]["nn_miou"] <= 1
     assert (out / "report.md").read_text().count("| knn |") == 4
     assert (out / "results.png").stat().st_size > 0 and (out / "pictures.png").stat().st_size > 0
     images = next((out / "cache").glob("synthetic-*")) / "val"

@@ -252,6 +252,7 @@ def test_three_stage_chain_pretrain_gram_hires(preset, tmp_path):
 
 
 def test_dense_monitor_reads_label_carrying_features_and_logs_in_runs(preset, tmp_path):
+    from opendino.eval.dense import patch_majority
     from opendino.train.monitor import N_SEG_CLASSES, DenseMonitor
 
     monitor = DenseMonitor(32, 8, (0.5,) * 3, (0.2,) * 3, n_fit=24, n_eval=12)
@@ -262,7 +263,8 @@ def test_dense_monitor_reads_label_carrying_features_and_logs_in_runs(preset, tm
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def forward_features(self, x):
-            onehot = torch.nn.functional.one_hot(monitor.patch_labels.flatten(1), N_SEG_CLASSES).float()
+            labels = patch_majority(monitor.maps, monitor.grid, N_SEG_CLASSES).flatten(1)
+            onehot = torch.nn.functional.one_hot(labels, N_SEG_CLASSES).float()
             return {"x_norm_patchtokens": onehot + 0.01 * torch.randn_like(onehot), "x_norm_clstoken": onehot.mean(1)}
 
     assert monitor(Oracle())["monitor_seg_miou"] > 0.95

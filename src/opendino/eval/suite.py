@@ -23,7 +23,7 @@ from opendino.eval.data import (
     open_labelled,
     synthetic_folder,
 )
-from opendino.eval.dense import linear_depth, linear_segmentation
+from opendino.eval.dense import linear_depth, linear_segmentation, nearest_neighbour_segmentation
 from opendino.eval.features import Features, cached_features
 from opendino.eval.knn import knn_accuracy
 from opendino.eval.linear import linear_probe, logistic_regression
@@ -115,9 +115,10 @@ def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, setting
                 continue
             train_maps, val_maps = load_segmentation(train_paths, res), load_segmentation(val_paths, res)
             classes = torch.cat([train_maps[train_maps != 255], val_maps[val_maps != 255]])
-            results[task] = linear_segmentation(
-                tr.patch, train_maps, va.patch, val_maps, n_classes=int(classes.max()) + 1
-            )
+            n_classes = int(classes.max()) + 1
+            results[task] = linear_segmentation(tr.patch, train_maps, va.patch, val_maps, n_classes=n_classes)
+            nn = nearest_neighbour_segmentation(tr.patch, train_maps, va.patch, val_maps, n_classes=n_classes)
+            results[task]["nn_miou"] = nn["miou"]
         elif task == "depth":
             if not labelled["depth"]:
                 results[task] = {"skipped": "no <stem>.depth.png labels beside the images"}

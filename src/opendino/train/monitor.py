@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from opendino.data.augment import normalize
 from opendino.data.synthetic import CLASSES, render_scene
-from opendino.eval.dense import mean_iou
+from opendino.eval.dense import nearest_neighbour_segmentation
 from opendino.eval.knn import knn_accuracy
 from opendino.losses import gram_loss
 
@@ -30,11 +30,8 @@ class DenseMonitor:
         scenes = [render_scene(10_000_000 + i, size, "val") for i in range(n_fit + n_eval)]  # unused by evals
         images = torch.stack([torch.from_numpy(np.array(s.image)).permute(2, 0, 1) for s in scenes])
         self.images = normalize(images, mean, std)
-        grid = size // patch_size
-        maps = torch.from_numpy(np.stack([s.semantic for s in scenes])).long()
-        # The majority class of each patch: one-hot maps averaged over the patch, then argmax.
-        votes = F.adaptive_avg_pool2d(F.one_hot(maps, N_SEG_CLASSES).permute(0, 3, 1, 2).float(), grid)
-        self.patch_labels = votes.argmax(1)  # [N, grid, grid]
+        self.grid = size // patch_size
+        self.maps = torch.from_numpy(np.stack([s.semantic for s in scenes]))
         self.labels = torch.tensor([s.label for s in scenes])
         self.n_fit = n_fit
 
@@ -57,9 +54,8 @@ class DenseMonitor:
         return result
 
     def _retrieval_miou(self, patches: Tensor) -> float:
-        """Each held-out patch takes the label of its most similar fitting patch (cosine)."""
-        fit = F.normalize(patches[: self.n_fit].flatten(0, 1), dim=-1)
-        held_out = F.normalize(patches[self.n_fit :].flatten(0, 1), dim=-1)
-        nearest = (held_out @ fit.t()).argmax(1)
-        predicted = self.patch_labels[: self.n_fit].flatten()[nearest]
-        return mean_iou(predicted, self.patch_labels[self.n_fit :].flatten(), N_SEG_CLASSES)["miou"]
+        grid = patches.reshape(len(patches), self.grid, self.grid, -1)
+        n = self.n_fit
+        return nearest_neighbour_segmentation(
+            grid[:n], self.maps[:n], grid[n:], self.maps[n:], n_classes=N_SEG_CLASSES
+        )["miou"]
