@@ -87,7 +87,8 @@ def run_demo(out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val
         print(f"  {r['step']:>4}   {r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}")
     print(f"\n  evaluation on held-out scenes (train {n_train}, val {n_val}, 10 classes; report: {out / 'eval'}):")
     print(f"  {'task':<7} {'metric':<14} {'trained':>8} {'random init':>12}")
-    for task, metric in HEADLINE.items():
+    rows = [*HEADLINE.items(), ("seg", "nn_miou")]  # the training-free dense probe beside the linear one
+    for task, metric in rows:
         trained, floor = results["trained"][task][metric], results["random_init"][task][metric]
         print(f"  {task:<7} {metric:<14} {trained:>8.3f} {floor:>12.3f}")
     print("\n  interoperability (ViT-S/16, our weights in peer libraries, max |diff| of all tokens):")
