@@ -22,13 +22,12 @@ class UsageError(ValueError):
 
 def _model_and_norm(source: str, weights: str | None):
     from opendino.models import MODELS, load_model
-    from opendino.models.registry import LVD_MEAN, LVD_STD, UnknownModelError
+    from opendino.models.registry import UnknownModelError, normalisation
 
     if source not in MODELS and not Path(source).exists():
         raise UnknownModelError(f"{source!r} is neither a file nor a known model; known: {', '.join(MODELS)}")
     model = load_model(source, weights=weights)
-    spec = getattr(model, "spec", None)
-    return model, (spec.mean, spec.std) if spec else (LVD_MEAN, LVD_STD)
+    return model, normalisation(model)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -178,7 +177,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from opendino.data.sources import NoImagesError, decode_image, list_images
     from opendino.eval.features import eval_transform
     from opendino.eval.suite import resolve_model
-    from opendino.eval.visualize import panel
+    from opendino.eval.visualize import picture
 
     model, info = resolve_model(args.model)
     res = args.resolution or info["resolution"]
@@ -197,18 +196,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(res, info["mean"], info["std"])
-    model.eval()
     for path in paths:
         image = decode_image(path)
         if image is None:
             print(f"skipped (unreadable): {path}", file=sys.stderr)
             continue
-        with torch.inference_mode():
-            tokens = model.forward_features(transform(image)[None])["x_norm_patchtokens"][0]
-        grid = res // model.feature_stride
-        shown = torch.nn.functional.interpolate(image[None].float(), size=(res, res), mode="bilinear")[0]
-        picture = panel(shown.clamp(0, 255).to(torch.uint8), tokens.reshape(grid, grid, -1), point, args.foreground)
-        picture.save(out / f"{Path(path).stem}.png")
+        picture(model, image, transform, res, point, args.foreground).save(out / f"{Path(path).stem}.png")
     print(f"wrote {len(paths)} pictures (input | PCA | similarity) to {out}")
     return 0
 

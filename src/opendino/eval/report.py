@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch import nn
 
 from opendino.data.sources import decode_image
 from opendino.eval.features import eval_transform
-from opendino.eval.visualize import panel
+from opendino.eval.visualize import picture
 
 LOWER_IS_BETTER = {"rmse", "abs_rel", "mean_error_px"}
 HEADLINE = {
@@ -44,24 +43,14 @@ def _bar_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-@torch.inference_mode()
 def _pictures(models: dict[str, nn.Module], images: list[Path], settings: dict, path: Path) -> None:
     transform = eval_transform(settings["resolution"], settings["mean"], settings["std"])
-    rows = []
-    for image_path in images:
-        image = decode_image(image_path)
-        if image is None:
-            continue
-        shown = torch.nn.functional.interpolate(
-            image[None].float(), size=(settings["resolution"],) * 2, mode="bilinear"
-        )
-        shown = shown[0].clamp(0, 255).to(torch.uint8)
-        for model in models.values():
-            device = next(model.parameters()).device
-            out = model.forward_features(transform(image)[None].to(device))
-            grid = settings["resolution"] // model.feature_stride
-            patch = out["x_norm_patchtokens"][0].float().cpu().reshape(grid, grid, -1)
-            rows.append(panel(shown, patch, foreground=False).resize((3 * 160 + 8, 160), Image.NEAREST))
+    decoded = [image for image in map(decode_image, images) if image is not None]
+    rows = [
+        picture(model, image, transform, settings["resolution"]).resize((3 * 160 + 8, 160), Image.NEAREST)
+        for image in decoded
+        for model in models.values()
+    ]
     if not rows:
         return
     sheet = Image.new("RGB", (rows[0].width, sum(r.height + 4 for r in rows)), (255, 255, 255))

@@ -28,7 +28,7 @@ from opendino.eval.features import Features, cached_features
 from opendino.eval.knn import knn_accuracy
 from opendino.eval.linear import linear_probe, logistic_regression
 from opendino.models import load_model
-from opendino.models.registry import LVD_MEAN, LVD_STD, create
+from opendino.models.registry import LVD_MEAN, LVD_STD, create, normalisation
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
 DENSE_TASKS = ("seg", "depth", "corr")
@@ -55,10 +55,10 @@ def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
             "out": path / "eval",
         }
     model = load_model(source)
-    spec = getattr(model, "spec", None)
+    mean, std = normalisation(model)
     return model, {
-        "mean": spec.mean if spec else LVD_MEAN,
-        "std": spec.std if spec else LVD_STD,
+        "mean": mean,
+        "std": std,
         "resolution": 224,
         "out": Path(f"eval-{path.stem}"),
     }

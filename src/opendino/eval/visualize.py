@@ -73,3 +73,22 @@ def panel(image: Tensor, patch: Tensor, point: tuple[int, int] | None = None, fo
     for k, im in enumerate((source, pca, sim_image)):
         out.paste(im, (k * (size[0] + 4), 0))
     return out
+
+
+@torch.inference_mode()
+def picture(
+    model: torch.nn.Module,
+    image: Tensor,
+    transform,
+    resolution: int,
+    point: tuple[int, int] | None = None,
+    foreground: bool = False,
+) -> Image.Image:
+    """``panel`` for a decoded uint8 image ``[3, H, W]``: the model sees ``transform(image)`` (square,
+    ``resolution`` pixels), the input is shown at the same size."""
+    device = next(model.parameters()).device
+    tokens = model.eval().forward_features(transform(image)[None].to(device))["x_norm_patchtokens"][0]
+    grid = resolution // model.feature_stride
+    shown = F.interpolate(image[None].float(), size=(resolution, resolution), mode="bilinear")[0]
+    patch = tokens.float().cpu().reshape(grid, grid, -1)
+    return panel(shown.clamp(0, 255).to(torch.uint8), patch, point, foreground)

@@ -203,6 +203,12 @@ def get_spec(name: str) -> ModelSpec:
         raise UnknownModelError(f"unknown model {name!r}.{hint} Known: {', '.join(MODELS)}") from None
 
 
+def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std a model was trained with (its registered spec), else the LVD-1689M ones."""
+    spec = getattr(model, "spec", None)
+    return (spec.mean, spec.std) if spec else (LVD_MEAN, LVD_STD)
+
+
 def create(family: str, kwargs: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
     """Builds a backbone from a family name and official constructor arguments."""
     cls = {"vit": DinoVisionTransformer, "convnext": ConvNeXt}[family]
