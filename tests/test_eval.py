@@ -11,6 +11,7 @@ import torch
 from opendino.cli import main
 from opendino.eval.correspondence import correspondence_metrics, match_errors
 from opendino.eval.dense import (
+    class_weights,
     depth_metrics,
     linear_depth,
     linear_segmentation,
@@ -89,6 +90,13 @@ def test_dense_probes_learn_a_feature_that_encodes_the_label():
     result = linear_depth(features[:48], depth[:48], features[48:], depth[48:], max_depth=4.0, steps=300)
     floor = linear_depth(noise[:48], depth[:48], noise[48:], depth[48:], max_depth=4.0, steps=300)
     assert result["delta1"] > 0.7 and result["delta1"] > floor["delta1"] + 0.15 and result["rmse"] < floor["rmse"]
+
+
+def test_class_weights_are_inverse_square_root_frequencies():
+    maps = torch.tensor([[0] * 75 + [1] * 25 + [255] * 10], dtype=torch.uint8)
+    w = class_weights(maps, 3)  # class 2 is absent: it gets the rarest present class's weight
+    expected = torch.tensor([75**-0.5, 25**-0.5, 25**-0.5])
+    assert torch.allclose(w, expected / expected.mean(), atol=1e-6)
 
 
 def test_correspondence_recovers_a_known_shift():
