@@ -4,12 +4,13 @@ Segmentation: ``Dropout2d(0.1) -> BatchNorm -> 1x1 conv`` to the classes, logits
 the label size, cross-entropy ignoring 255, AdamW (official lr 1e-3, wd 1e-3), mIoU. Two changes for the
 short schedule: lr 1e-2, and class weights ``1 / sqrt(pixel frequency)`` (normalised to mean 1): with
 plain cross-entropy a few hundred steps leave the probe predicting the majority class (background, 85 %
-of the synthetic pixels) everywhere, for trained and random features alike, and mIoU measures nothing. Depth: ``BatchNorm -> 1x1
-conv`` to 256 bins linearly spaced over the depth range, bin weights ``(ReLU(x) + 0.1) / sum``, depth =
-weighted sum of the bin centres, the scale-invariant SigLoss, AdamW (official lr 3e-4; 1e-2 here, which
-the short schedule needs), metrics RMSE, abs rel and delta < 1.25. Both train on cached features for a
-few hundred steps with a cosine schedule instead of the official 40k-iteration schedules with image
-augmentation: a cheap protocol that ranks models the same way, applied identically to every model.
+of the synthetic pixels) everywhere, for trained and random features alike, and mIoU measures nothing.
+
+Depth: ``BatchNorm -> 1x1 conv`` to 256 bins linearly spaced over the depth range, bin weights ``(ReLU(x) +
+0.1) / sum``, depth = weighted sum of the bin centres, the scale-invariant SigLoss, AdamW (official lr 3e-4;
+1e-2 here, which the short schedule needs), metrics RMSE, abs rel and delta < 1.25. Both train on cached
+features for a few hundred steps with a cosine schedule instead of the official 40k-iteration schedules with
+image augmentation: a cheap protocol that ranks models the same way, applied identically to every model.
 """
 
 from __future__ import annotations
