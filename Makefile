@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,timm,hf]"
+	$(PY) -m pip install -q -e ".[dev,timm,hf,slurm]"
 	touch $@
 
 lint: setup

@@ -262,7 +262,7 @@ def test_dense_monitor_reads_label_carrying_features_and_logs_in_runs(preset, tm
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward_features(self, x):
+        def forward(self, x, is_training=True):
             labels = patch_majority(monitor.maps, monitor.grid, N_SEG_CLASSES).flatten(1)
             onehot = torch.nn.functional.one_hot(labels, N_SEG_CLASSES).float()
             return {"x_norm_patchtokens": onehot + 0.01 * torch.randn_like(onehot), "x_norm_clstoken": onehot.mean(1)}

@@ -132,8 +132,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, args.overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    run_dir = Trainer(cfg).run()
-    print(f"finished: {run_dir} (teacher: {run_dir / 'teacher.safetensors'}, metrics: {run_dir / 'metrics.jsonl'})")
+    trainer = Trainer(cfg)
+    run_dir = trainer.run()
+    if trainer.env.is_main:
+        print(f"finished: {run_dir} (teacher: {run_dir / 'teacher.safetensors'}, metrics: {run_dir / 'metrics.jsonl'})")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from opendino.config import ConfigError
+    from opendino.train.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        from opendino.train.submit import submit
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except ImportError:
+        raise UsageError("opendino submit needs submitit: pip install 'opendino[slurm]'") from None
+    if args.nodes < 1 or args.gpus_per_node < 0:
+        raise UsageError(f"--nodes {args.nodes} / --gpus-per-node {args.gpus_per_node}: need nodes >= 1, gpus >= 0")
+    run_dir = Path(cfg.run.dir).resolve()
+    # The job may start in another working directory: its run folder is absolute.
+    overrides = [*args.overrides, f"run.dir={run_dir}"]
+    job = submit(
+        args.config,
+        overrides,
+        run_dir,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        cluster=args.cluster,
+    )
+    print(f"submitted job {job.job_id}: {run_dir} (logs: {run_dir / 'submitit' / str(job.job_id)})")
+    if args.wait:
+        job.result()
+        print(f"finished: {run_dir}")
     return 0
 
 
@@ -278,6 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides (run.dir, data.path, model.arch, train.steps, ...)"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "submit",
+        help="run `opendino train` as a SLURM job (submitit), requeued and resumed on preemption",
+        description="Submits a training run to SLURM through submitit: one task per GPU on each node, the "
+        "torch.distributed environment taken from SLURM's. On preemption or time-out the job is requeued and "
+        "resumes from its last checkpoint. Example: `opendino submit --nodes 2 --gpus-per-node 8 --partition "
+        "learn configs/stages/pretrain.yaml run.dir=/checkpoint/me/vitl data.path=/datasets/images`.",
+    )
+    p.add_argument("config", help="YAML preset")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for `opendino train`")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="also the number of tasks per node")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node (at least 1)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="data-loading workers live here")
+    p.add_argument("--time", type=int, default=60 * 24, help="minutes per job before it is requeued")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--cluster", choices=("slurm", "local"), default="slurm", help="local: processes on this machine")
+    p.add_argument("--wait", action="store_true", help="block until the run has finished")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser(
         "eval",

@@ -3,6 +3,12 @@
 Of the ``2B`` global crops of a batch, ``int(2B * mask_probability)`` are masked, crop ``i`` of those with
 exactly ``int(N * r_i)`` tokens for ``r = linspace(min_ratio, max_ratio, n_masked + 1)[1:]``; the list of
 masks is then shuffled over all ``2B`` crops, so an image's two crops are masked independently.
+
+With several ranks, the masks are drawn for the global batch and each rank keeps its images' rows
+(``rows``): the masks of a step do not depend on how the batch is split, so a run gives the same losses
+on any number of ranks (the official code draws per rank). Each rank draws all ``2 x world x B`` masks,
+about 30 us each on a 14x14 grid (80 us at 48x48; one CPU core), in its data workers: 30 ms per
+step for 8 ranks of 64 images.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ def collate_masks(
     generator: BlockMaskGenerator,
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
+    rows: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """iBOT masks for ``n_crops`` global crops of ``n_tokens`` patches each, with the derived tensors the
-    losses need: flat masked indices, per-token weights (1 / #masked in its crop) and the masked count."""
+    losses need: flat masked indices, per-token weights (1 / #masked in its crop) and the masked count.
+    ``rows``: the crops to keep (this rank's share of the global batch); default all."""
     if generator.num_patches != n_tokens:
         raise ValueError(f"mask generator grid has {generator.num_patches} cells, crops have {n_tokens} tokens")
     n_masked = int(n_crops * mask_probability)
@@ -31,6 +39,8 @@ def collate_masks(
     masks = [torch.from_numpy(generator(c).reshape(-1)) for c in counts]
     generator.py_rng.shuffle(masks)
     collated = torch.stack(masks)  # [n_crops, N]
+    if rows is not None:
+        collated = collated[rows]
     per_crop = collated.sum(-1, keepdim=True).clamp(min=1)
     return {
         "collated_masks": collated,

@@ -36,6 +36,7 @@ class SampleRef:
     index: int  # into the source
     seed: int  # of this sample's augmentation
     crop_set: int  # which (global, local, gram) size set
+    mask_seed: int = 0  # of the iBOT masks of its step (the same on every rank)
 
 
 class StepBatchSampler(Sampler[list[SampleRef]]):
@@ -71,9 +72,9 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
 
     def batch_at(self, step: int) -> list[SampleRef]:
         start = (step * self.world_size + self.rank) * self.batch_size
-        crop_set = self.crop_set_at(step)
+        crop_set, mask_seed = self.crop_set_at(step), _seed(self.seed, 2, step)
         return [
-            SampleRef(self._index_at(q), _seed(self.seed, 1, q), crop_set)
+            SampleRef(self._index_at(q), _seed(self.seed, 1, q), crop_set, mask_seed)
             for q in range(start, start + self.batch_size)
         ]
 
@@ -114,11 +115,12 @@ class MultiCropDataset(torch.utils.data.Dataset):
         crops = multicrop.geometric(img, gen)
         if self.photometric_in_worker:
             crops = multicrop.photometric(crops, gen)
-        return {**crops, "label": self.source.label(index), "skipped": skipped, "seed": ref.seed}
+        return {**crops, "label": self.source.label(index), "skipped": skipped, "mask_seed": ref.mask_seed}
 
 
 class SSLCollate:
-    """Stacks crops crop-major (``[crop0 of all B, crop1 of all B, ...]``) and draws the iBOT masks."""
+    """Stacks crops crop-major (``[crop0 of all B, crop1 of all B, ...]``) and draws the iBOT masks of the
+    global batch, keeping this rank's rows."""
 
     def __init__(
         self,
@@ -126,21 +128,25 @@ class SSLCollate:
         mask_ratio: tuple[float, float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         teacher_to_student_resolution_scale: float = 1.0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.patch_size = patch_size
         self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
         self.scale = teacher_to_student_resolution_scale
+        self.rank, self.world_size = rank, world_size
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = {
             key: stack_crop_major([s[key] for s in samples]) for key in ("global", "local", "gram") if key in samples[0]
         }
         grid = int(batch["global"].shape[-1] // (self.patch_size * self.scale))
-        # One seeded mask stream per batch: reproducible wherever the batch is collated.
-        generator = BlockMaskGenerator(
-            grid, max_num_patches=0.5 * grid * grid, seed=_seed(*(s["seed"] for s in samples))
-        )
-        batch.update(collate_masks(len(samples) * 2, grid * grid, generator, self.mask_ratio, self.mask_probability))
+        # One seeded mask stream per step: reproducible wherever and on however many ranks it is collated.
+        generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid * grid, seed=samples[0]["mask_seed"])
+        b, world = len(samples), self.world_size
+        mine = torch.arange(self.rank * b, (self.rank + 1) * b)
+        rows = torch.cat([mine, mine + world * b])  # crop 0 and crop 1 of this rank's images
+        batch.update(collate_masks(2 * world * b, grid * grid, generator, self.mask_ratio, self.mask_probability, rows))
         batch["labels"] = torch.tensor([s["label"] for s in samples])
         batch["skipped"] = [p for s in samples for p in s["skipped"]]
         return batch
@@ -175,7 +181,7 @@ def build_ssl_loader(
     return DataLoader(
         MultiCropDataset(source, crop_sets, photometric_in_worker),
         batch_sampler=sampler,
-        collate_fn=SSLCollate(patch_size, mask_ratio, mask_probability),
+        collate_fn=SSLCollate(patch_size, mask_ratio, mask_probability, rank=rank, world_size=world_size),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

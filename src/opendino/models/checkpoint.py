@@ -225,13 +225,14 @@ def _materialise(model: nn.Module, state: Mapping[str, Tensor], source: str, dev
     return model
 
 
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """Writes a backbone as safetensors with its constructor arguments in the metadata."""
+def save_model(model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+    """Writes a backbone as safetensors with its constructor arguments in the metadata; ``state``: its
+    weights when they are not ``model.state_dict()`` (a sharded model's gathered full state)."""
     from safetensors.torch import save_file
 
     meta = {"family": model.family, "kwargs": model.model_kwargs, "name": getattr(model, "spec", None)}
     meta["name"] = meta["name"].name if meta["name"] is not None else None
     # clone(): safetensors refuses tensors that share memory (ConvNeXt's norm / norms.3 pair).
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in (model.state_dict() if state is None else state).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})

@@ -20,6 +20,7 @@ from opendino.losses import (
     gram_loss,
     ibot_loss_masked,
     koleo_loss,
+    koleo_loss_distributed,
     sinkhorn_knopp,
     total_loss,
 )
@@ -29,21 +30,43 @@ from opendino.train.config import TrainConfig
 N_GLOBAL = 2
 
 
-def build_student(cfg: TrainConfig) -> nn.ModuleDict:
+class SSLModel(nn.Module):
+    """A backbone with its DINO and iBOT heads (the student, or the EMA teacher).
+
+    Its ``forward`` is the one call through which data parallelism sees the model: DDP and FSDP hook the
+    module's ``__call__``, so every use of the backbone and the heads in a step goes through it."""
+
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
+
+    def forward(
+        self, crops: list[Tensor], masks: list[Tensor | None] | None = None, mask_indices: Tensor | None = None
+    ) -> tuple[list[dict], Tensor, Tensor | None]:
+        """Backbone outputs of each crop group, the DINO head on all their CLS tokens (in group order) and,
+        with ``mask_indices``, the iBOT head on those patch tokens of the first group (flattened)."""
+        outs = self.backbone(crops, masks=masks, is_training=True)
+        cls_logits = self.dino_head(torch.cat([o["x_norm_clstoken"] for o in outs]))
+        patch_logits = None
+        if mask_indices is not None:
+            patch_logits = self.ibot_head(outs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices])
+        return outs, cls_logits, patch_logits
+
+
+def build_student(cfg: TrainConfig) -> SSLModel:
     backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
-    dim = backbone.embed_dim
-    heads = {
-        name: DINOHead(
-            dim,
+    heads = [
+        DINOHead(
+            backbone.embed_dim,
             h.prototypes,
             hidden_dim=h.hidden_dim,
             bottleneck_dim=h.bottleneck_dim,
             nlayers=h.nlayers,
             last_layer_std=h.last_layer_std,
         )
-        for name, h in (("dino_head", cfg.dino_head), ("ibot_head", cfg.ibot_head))
-    }
-    return nn.ModuleDict({"backbone": backbone, **heads})
+        for h in (cfg.dino_head, cfg.ibot_head)
+    ]
+    return SSLModel(backbone, *heads)
 
 
 class SSLRecipe(nn.Module):
@@ -77,7 +100,7 @@ class SSLRecipe(nn.Module):
     def gram_targets(self, crops: Tensor, grid: int) -> Tensor:
         """The Gram teacher's patch features of its (larger) crops, resized bicubically (no antialias) to
         the student's ``grid x grid`` patches: ``[2B, grid * grid, D]``."""
-        tokens = self.gram_teacher.forward_features(crops)["x_norm_patchtokens"]
+        tokens = self.gram_teacher(crops, is_training=True)["x_norm_patchtokens"]
         side = int(round(tokens.shape[1] ** 0.5))
         if side != grid:
             maps = tokens.transpose(1, 2).unflatten(2, (side, side)).float()
@@ -87,12 +110,11 @@ class SSLRecipe(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor]:
-        out = self.teacher.backbone.forward_features(batch["global"])
-        cls = self.teacher.dino_head(out["x_norm_clstoken"])  # [2B, K], crop-major
+        _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
+        # cls: [2B, K], crop-major
         cls_probs = sinkhorn_knopp(cls, teacher_temp, self.cfg.loss.sinkhorn_iterations).unflatten(0, (N_GLOBAL, -1))
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
         patch_probs = sinkhorn_knopp(
-            self.teacher.ibot_head(patches),
+            patches,
             teacher_temp,
             self.cfg.loss.sinkhorn_iterations,
             n_samples=batch["n_masked_patches"],
@@ -105,9 +127,10 @@ class SSLRecipe(nn.Module):
         """The total loss and its terms (tensors) for a collated batch already on the device."""
         cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp)
         masks = batch["collated_masks"]
-        glob, loc = self.student.backbone.forward_features([batch["global"], batch["local"]], masks=[masks, None])
+        (glob, _), logits, patch_logits = self.student(
+            [batch["global"], batch["local"]], masks=[masks, None], mask_indices=batch["mask_indices_list"]
+        )
         n_global_rows = glob["x_norm_clstoken"].shape[0]
-        logits = self.student.dino_head(torch.cat([glob["x_norm_clstoken"], loc["x_norm_clstoken"]]))
         global_logits = logits[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
         local_logits = logits[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
         temp = self.cfg.loss.student_temp
@@ -116,12 +139,9 @@ class SSLRecipe(nn.Module):
             "dino_global": dino_loss(
                 global_logits, cls_probs, temp, ignore_diagonal=self.weights.global_ignore_diagonal
             ),
-            "koleo": sum(koleo_loss(c) for c in glob["x_norm_clstoken"].chunk(N_GLOBAL)) / N_GLOBAL,
+            "koleo": sum(self._koleo(c) for c in glob["x_norm_clstoken"].chunk(N_GLOBAL)) / N_GLOBAL,
+            "ibot": ibot_loss_masked(patch_logits, patch_probs, masks, batch["masks_weight"], temp),
         }
-        patches = glob["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices_list"]]
-        terms["ibot"] = ibot_loss_masked(
-            self.student.ibot_head(patches), patch_probs, masks, batch["masks_weight"], temp
-        )
         if self.gram_teacher is not None:
             g = self.cfg.gram
             student_patches = glob["x_norm_patchtokens"]
@@ -140,6 +160,13 @@ class SSLRecipe(nn.Module):
         )
         return loss, terms
 
+    def _koleo(self, cls: Tensor) -> Tensor:
+        """KoLeo within this rank's crops (official), or over groups of the global batch across ranks."""
+        group = self.cfg.loss.koleo_group_size
+        if group == 0:
+            return koleo_loss(cls)
+        return koleo_loss_distributed(cls, group_size=None if group < 0 else group)
+
     @torch.no_grad()
     def update_teacher(self, momentum: float, enabled: Tensor | None = None) -> None:
         """EMA of the parameters (buffers are constant); one fused multi-tensor update.
@@ -152,8 +179,10 @@ class SSLRecipe(nn.Module):
         torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), weight)
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
-        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe."""
-        return {
+        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe. Under FSDP the
+        norms are replicated DTensors; their local value is the full norm."""
+        norms = {
             name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True)
-            for name, module in self.student.items()
+            for name, module in self.student.named_children()
         }
+        return {name: n.to_local() if hasattr(n, "to_local") else n for name, n in norms.items()}

@@ -69,6 +69,10 @@ class LossConfig:
     sinkhorn_iterations: int = 3
     mask_ratio: tuple[float, ...] = (0.1, 0.5)
     mask_probability: float = 0.5
+    # KoLeo neighbours: 0 = within each rank's crops (official pretraining); N = within contiguous groups
+    # of N samples of the global batch, gathered across ranks (high-resolution stage: 16); -1 = the whole
+    # global batch (the same loss at any world size).
+    koleo_group_size: int = 0
 
 
 @dataclasses.dataclass
@@ -100,6 +104,15 @@ class TrainLoopConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """How a run spreads over the ranks torchrun starts (``opendino.train.parallel``)."""
+
+    data_parallel: str = "ddp"  # ddp | fsdp (FSDP2: sharded parameters, gradients and optimizer state)
+    activation_checkpointing: str = "none"  # none | selective | full
+    param_dtype: str = "bf16"  # FSDP compute parameters: bf16 | fp32 (gradients are reduced in fp32)
 
 
 @dataclasses.dataclass
@@ -173,6 +186,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedules: dict[str, ScheduleSpec] = dataclasses.field(default_factory=_default_schedules)
     train: TrainLoopConfig = dataclasses.field(default_factory=TrainLoopConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)

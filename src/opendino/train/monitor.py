@@ -38,7 +38,7 @@ class DenseMonitor:
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, gram_teacher: nn.Module | None = None) -> dict[str, float]:
         device = next(backbone.parameters()).device
-        out = backbone.eval().forward_features(self.images.to(device))
+        out = backbone.eval()(self.images.to(device), is_training=True)
         patches = out["x_norm_patchtokens"].float().cpu()  # [N, P, D]
         cls = out["x_norm_clstoken"].float().cpu()
         result = {
@@ -49,7 +49,7 @@ class DenseMonitor:
             )[10],
         }
         if gram_teacher is not None:
-            anchor = gram_teacher.eval().forward_features(self.images.to(device))["x_norm_patchtokens"].float()
+            anchor = gram_teacher.eval()(self.images.to(device), is_training=True)["x_norm_patchtokens"].float()
             result["monitor_gram_distance"] = gram_loss(patches, anchor.cpu()).item()
         return result
 

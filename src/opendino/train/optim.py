@@ -28,10 +28,11 @@ class ParamSetting:
 
 
 def param_settings(
-    student: Mapping[str, nn.Module], layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2
+    student: Mapping[str, nn.Module] | nn.Module, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2
 ) -> list[ParamSetting]:
+    """One setting per trainable parameter of the student's submodules (a module's children, or a mapping)."""
     settings = []
-    for sub_name, module in student.items():
+    for sub_name, module in student.items() if isinstance(student, Mapping) else student.named_children():
         n_blocks = len(module.blocks) if hasattr(module, "blocks") else 0
         for name, param in module.named_parameters():
             if not param.requires_grad:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opendino.losses.distributed import all_reduce_max
 from opendino.recipes.ssl import SSLRecipe
 
 
@@ -43,8 +44,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norms = recipe.clip_gradients(clip_grad)
-    finite = torch.isfinite(loss)
-    optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel
+    # A non-finite loss on any rank poisons the averaged gradients of all: every rank skips the step.
+    found_inf = all_reduce_max((~torch.isfinite(loss)).float())
+    finite = found_inf == 0
+    optimizer.found_inf = found_inf  # read by the fused AdamW kernel
     optimizer.step()
     recipe.update_teacher(momentum, enabled=finite)
     return StepResult(loss.detach(), {k: v.detach() for k, v in terms.items()}, norms, finite)
