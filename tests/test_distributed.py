@@ -158,3 +158,21 @@ def test_submit_requeues_a_signalled_job_and_it_resumes(preset, tmp_path):
     assert "Requeued job" in log and "resuming" in log
     values = [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(run)]
     assert values == [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(reference)]
+
+
+def test_gram_and_high_resolution_stages_shard_like_one_process(preset, tmp_path):
+    stage = [
+        "gram.enabled=true",
+        "monitor.every=2",
+        "monitor.n_fit=16",
+        "monitor.n_eval=8",
+        "crops.resolution_sets=[[32, 16, 64, 0.5], [48, 16, 96, 0.5]]",
+        "loss.koleo_group_size=8",  # KoLeo groups that span both ranks
+    ]
+    single = tmp_path / "single"
+    Trainer(load_train_config(preset, [f"run.dir={single}", f"train.batch_size={2 * B}", *stage])).run()
+    run = tmp_path / "sharded"
+    _torchrun(preset, run, "parallel.data_parallel=fsdp", "parallel.param_dtype=fp32", *stage)
+    _assert_same_losses(run, single)
+    records = read_metrics(run)
+    assert all("gram" in r for r in records) and sum("monitor_gram_distance" in r for r in records) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -30,9 +29,10 @@ def all_reduce_max(tensor: Tensor, group=None) -> Tensor:
 
 
 def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
-    """Concatenation over ranks along dim 0, differentiable (torch.distributed.nn)."""
+    """Concatenation over ranks along dim 0, differentiable (the backward sums the gradients of every
+    rank's copy into the owner's: a reduce-scatter)."""
     if not is_distributed(group):
         return tensor
-    from torch.distributed.nn import all_gather
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
 
-    return torch.cat(all_gather(tensor, group=group), dim=0)
+    return wait_tensor(all_gather_tensor_autograd(tensor, 0, group or dist.group.WORLD))
