@@ -53,6 +53,9 @@ section 200 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --s
 section 150 $STEP --arch vit_base --batch-size 64 --compile blocks+heads
 section 150 $STEP --arch vit_large --batch-size 32 --compile blocks+heads
 section 120 $STEP --arch vit_large --batch-size 64 --compile blocks+heads
+# Activation checkpointing: memory traded for recomputation (the same loss, tested on CPU).
+section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads --ac selective
+section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads --ac full
 
 
 section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64

@@ -18,7 +18,7 @@ from opendino.data.masking import BlockMaskGenerator
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
-from opendino.train.parallel import compile_recipe
+from opendino.train.parallel import apply_activation_checkpointing, compile_recipe
 from opendino.train.step import train_step
 
 # Per-image GFLOPs of one step (student fwd+bwd on all crops, teacher fwd, heads), recipe.md §10.3.
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", choices=["none", "blocks", "blocks+heads"], default="none")
+    p.add_argument("--ac", choices=["none", "selective", "full"], default="none", help="activation checkpointing")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 profiled steps")
     p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
@@ -85,6 +86,7 @@ def main() -> None:
         ],
     )
     recipe = SSLRecipe(cfg).to(device).train()
+    apply_activation_checkpointing(recipe, args.ac)  # the order of train.parallel: AC, then compile
     if args.compile != "none":
         compile_recipe(recipe, heads=args.compile == "blocks+heads")
     optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
@@ -109,7 +111,7 @@ def main() -> None:
     seconds = (time.perf_counter() - start) / args.steps
     images = args.batch_size / seconds
     name = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}"
-    name += f", compile: {args.compile}"
+    name += f", compile: {args.compile}" + (f", AC: {args.ac}" if args.ac != "none" else "")
     memory = mfu = ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
