@@ -77,8 +77,8 @@ def plot(curves: dict[str, list[dict]], anchor: int, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--anchor-step", type=int, default=150, help="the EMA teacher becomes the Gram teacher here")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--anchor-step", type=int, default=100, help="the EMA teacher becomes the Gram teacher here")
     p.add_argument("--gram-weight", type=float, default=2.0)
     p.add_argument("--monitor-every", type=int, default=50)
     p.add_argument("--out", default="runs/gram_experiment")

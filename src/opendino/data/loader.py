@@ -158,6 +158,7 @@ def build_ssl_loader(
     *,
     batch_size: int,
     patch_size: int = 16,
+    teacher_to_student_resolution_scale: float = 1.0,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -181,7 +182,14 @@ def build_ssl_loader(
     return DataLoader(
         MultiCropDataset(source, crop_sets, photometric_in_worker),
         batch_sampler=sampler,
-        collate_fn=SSLCollate(patch_size, mask_ratio, mask_probability, rank=rank, world_size=world_size),
+        collate_fn=SSLCollate(
+            patch_size,
+            mask_ratio,
+            mask_probability,
+            teacher_to_student_resolution_scale,
+            rank=rank,
+            world_size=world_size,
+        ),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),

@@ -109,8 +109,14 @@ class SSLRecipe(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor]:
-        _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
+    def teacher_targets(
+        self, batch: dict, teacher_temp: float, teacher_logits: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Sinkhorn-Knopp-centred targets from the EMA teacher, or from ``teacher_logits`` (distillation)."""
+        if teacher_logits is None:
+            _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
+        else:
+            cls, patches = teacher_logits
         # cls: [2B, K], crop-major
         cls_probs = sinkhorn_knopp(cls, teacher_temp, self.cfg.loss.sinkhorn_iterations).unflatten(0, (N_GLOBAL, -1))
         patch_probs = sinkhorn_knopp(
@@ -122,14 +128,28 @@ class SSLRecipe(nn.Module):
         return cls_probs, patch_probs
 
     def forward(
-        self, batch: dict, teacher_temp: float, dino_local_weight: float = 1.0, gram_weight: float = 0.0
+        self,
+        batch: dict,
+        teacher_temp: float,
+        dino_local_weight: float = 1.0,
+        gram_weight: float = 0.0,
+        teacher_logits: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict]:
-        """The total loss and its terms (tensors) for a collated batch already on the device."""
-        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp)
+        """The total loss and its terms (tensors) for a collated batch already on the device. With
+        ``teacher_logits`` (distillation) the targets come from them and the student's global crops are
+        not masked; the iBOT term still uses the sampled positions."""
+        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp, teacher_logits)
         masks = batch["collated_masks"]
+        student_masks = None if teacher_logits is not None else masks
         (glob, _), logits, patch_logits = self.student(
-            [batch["global"], batch["local"]], masks=[masks, None], mask_indices=batch["mask_indices_list"]
+            [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )
+        if glob["x_norm_patchtokens"].shape[1] != masks.shape[1]:
+            raise ValueError(
+                f"the student has {glob['x_norm_patchtokens'].shape[1]} patch tokens per global crop but the "
+                f"masks have {masks.shape[1]}: set crops.teacher_to_student_resolution_scale to the ratio of "
+                "the student's output stride to the teacher's patch size"
+            )
         n_global_rows = glob["x_norm_clstoken"].shape[0]
         global_logits = logits[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
         local_logits = logits[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))

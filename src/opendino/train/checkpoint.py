@@ -39,9 +39,21 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
     return final
 
 
-def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple[int, dict] | None:
-    """The newest readable checkpoint (a damaged newest file falls back to the one before)."""
+def common_steps(folders: list[Path]) -> set[int] | None:
+    """The checkpoint steps every folder has (the students of one run resume together); None when no
+    folder has any checkpoint."""
+    found = [{step for step, _ in list_checkpoints(f)} for f in folders]
+    return set.intersection(*found) if any(found) else None
+
+
+def load_latest(
+    folder: Path, map_location: str | torch.device = "cpu", steps: set[int] | None = None
+) -> tuple[int, dict] | None:
+    """The newest readable checkpoint, among ``steps`` if given (a damaged newest file falls back to the
+    one before)."""
     for step, path in reversed(list_checkpoints(folder)):
+        if steps is not None and step not in steps:
+            continue
         try:
             return step, torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # a truncated file from a crash during an earlier, non-atomic copy

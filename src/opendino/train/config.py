@@ -57,6 +57,10 @@ class CropsConfig:
     # High-resolution adaptation (recipe.md §4.4): rows of [global, local, Gram teacher, probability]; one
     # row is drawn per step (the same on every rank). Empty: the single set above.
     resolution_sets: list[list[float]] = dataclasses.field(default_factory=list)
+    # Distillation into a coarser student (stride-32 ConvNeXt from a patch-16 teacher: 2.0): the teacher
+    # sees the global crops downscaled by this factor, so its token grid (and the iBOT mask grid) is the
+    # student's output grid.
+    teacher_to_student_resolution_scale: float = 1.0
 
 
 @dataclasses.dataclass
@@ -165,6 +169,21 @@ class GramConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """Distillation (recipe.md §4.6): a frozen trained teacher replaces the EMA teacher as the source of
+    targets; the student sees unmasked global crops, the iBOT term uses the sampled positions; the EMA of
+    the student is kept and exported."""
+
+    teacher: str | None = None  # a run folder (its newest checkpoint: backbone and heads); set = distill
+    # Several students sharing one teacher forward pass per batch: one mapping per student with a `name`
+    # and overrides of STUDENT_SECTIONS; each gets the sub-folder <run.dir>/<name>.
+    students: list[dict] = dataclasses.field(default_factory=list)
+
+
+STUDENT_SECTIONS = ("model", "dino_head", "ibot_head", "optim", "schedules", "init")
+
+
+@dataclasses.dataclass
 class MonitorConfig:
     """The dense-quality monitor (``opendino.train.monitor``) on held-out synthetic scenes."""
 
@@ -192,6 +211,7 @@ class TrainConfig:
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     gram: GramConfig = dataclasses.field(default_factory=GramConfig)
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
     @property
     def total_steps(self) -> int:
@@ -222,4 +242,29 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return build(TrainConfig, tree)
 
 
-__all__ = ["ConfigError", "TrainConfig", "load_train_config"]
+def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """The configuration of each student of a multi-student distillation: the run's, with the student's
+    overrides (only of STUDENT_SECTIONS: data, crops, masks, steps and logging are shared by all)."""
+    base = to_dict(cfg)
+    base["distill"]["students"] = []
+    configs: dict[str, TrainConfig] = {}
+    for i, entry in enumerate(cfg.distill.students):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not name or not isinstance(name, str) or "/" in name:
+            raise ConfigError(f"distill.students[{i}]: needs a `name` (a folder name), got {name!r}")
+        if name in configs:
+            raise ConfigError(f"distill.students[{i}]: the name {name!r} is used twice")
+        shared = sorted(set(entry) - set(STUDENT_SECTIONS))
+        if shared:
+            raise ConfigError(
+                f"distill.students[{i}] ({name}) sets {shared}: shared by all students; a student may set "
+                f"{', '.join(STUDENT_SECTIONS)}"
+            )
+        tree = merge(base, entry)
+        tree["run"]["dir"] = str(Path(cfg.run.dir) / name)
+        configs[name] = build(TrainConfig, tree)
+    return configs
+
+
+__all__ = ["ConfigError", "TrainConfig", "load_train_config", "student_configs"]

@@ -60,6 +60,14 @@ def compile_recipe(recipe: nn.Module, heads: bool = True) -> None:
                 getattr(model, name).compile(dynamic=True)
 
 
+def _precision(cfg: ParallelConfig) -> MixedPrecisionPolicy:
+    """FSDP2 compute in ``parallel.param_dtype``, gradients reduced in fp32."""
+    if cfg.param_dtype not in ("bf16", "fp32"):
+        raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}; valid: bf16, fp32")
+    bf16 = cfg.param_dtype == "bf16"
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+
+
 def _fully_shard(model: nn.Module, backbone: nn.Module, policy: MixedPrecisionPolicy) -> None:
     for block in _blocks(backbone):
         fully_shard(block, mp_policy=policy, reshard_after_forward=True)
@@ -77,14 +85,18 @@ def apply_data_parallel(recipe: nn.Module, cfg: ParallelConfig, device: torch.de
         return
     if cfg.data_parallel != "fsdp":
         raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}; valid: ddp, fsdp")
-    bf16 = cfg.param_dtype == "bf16"
-    if cfg.param_dtype not in ("bf16", "fp32"):
-        raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}; valid: bf16, fp32")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    policy = _precision(cfg)
     for model in (recipe.student, recipe.teacher):
         _fully_shard(model, model.backbone, policy)
     if recipe.gram_teacher is not None:
         _fully_shard(recipe.gram_teacher, recipe.gram_teacher, policy)
+
+
+def parallelize_frozen(model: nn.Module, cfg: ParallelConfig, world_size: int) -> None:
+    """A frozen model outside the recipe (the distillation teacher): sharded like the students under FSDP
+    (over all ranks), replicated as it is under DDP."""
+    if world_size > 1 and cfg.data_parallel == "fsdp":
+        _fully_shard(model, model.backbone, _precision(cfg))
 
 
 def parallelize(recipe: nn.Module, cfg: ParallelConfig, compile: bool, world_size: int, device: torch.device) -> None:

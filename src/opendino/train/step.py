@@ -36,11 +36,13 @@ def train_step(
     clip_grad: float,
     dino_local_weight: float = 1.0,
     gram_weight: float = 0.0,
+    teacher_logits: tuple[Tensor, Tensor] | None = None,
     autocast: bool = False,
 ) -> StepResult:
+    """``teacher_logits``: a frozen distillation teacher's (CLS, masked-patch) logits of this batch."""
     device = batch["global"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss, terms = recipe(batch, teacher_temp, dino_local_weight, gram_weight)
+        loss, terms = recipe(batch, teacher_temp, dino_local_weight, gram_weight, teacher_logits)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norms = recipe.clip_gradients(clip_grad)

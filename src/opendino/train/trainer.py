@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,10 +30,12 @@ from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.loader import build_ssl_loader
 from opendino.data.sources import open_source
 from opendino.models import load_model, save_model
+from opendino.recipes.distill import distillation_teacher_logits, load_distillation_teacher
 from opendino.recipes.ssl import SSLRecipe
-from opendino.train.checkpoint import load_latest, save_checkpoint
-from opendino.train.config import TrainConfig
+from opendino.train.checkpoint import common_steps, load_latest, save_checkpoint
+from opendino.train.config import TrainConfig, student_configs
 from opendino.train.distributed import (
+    DistributedEnv,
     close_distributed,
     gather_objects,
     init_distributed,
@@ -42,9 +45,9 @@ from opendino.train.distributed import (
 from opendino.train.logging import MetricsLog
 from opendino.train.monitor import DenseMonitor
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
-from opendino.train.parallel import parallelize
+from opendino.train.parallel import parallelize, parallelize_frozen
 from opendino.train.schedules import build_schedules_v2, scale_lr
-from opendino.train.step import train_step
+from opendino.train.step import StepResult, train_step
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -57,12 +60,224 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+class Member:
+    """One trained network of a run: its recipe (student, EMA, heads), optimizer, schedules, run folder,
+    metrics and checkpoints. A run has one; multi-student distillation has one per student, all fed the
+    same batches and the same teacher forward pass."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, env: DistributedEnv, device: torch.device) -> None:
+        self.cfg, self.run_dir, self.env, self.device = cfg, Path(run_dir), env, device
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.bad_steps, self.skipped = 0, 0
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, finite flag) not yet read on the host
+        self.log: MetricsLog | None = None
+        self.rng: dict[str, Tensor] = {}  # this member's random streams between its steps
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    def build(self, resume_steps: set[int] | None) -> int:
+        """Builds and restores the recipe (from this member's newest checkpoint among ``resume_steps``, or as
+        the config says); returns the first step to run."""
+        cfg, env = self.cfg, self.env
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.recipe = recipe = SSLRecipe(cfg)
+        # Weights are restored into the plain modules, before any wrapping; the optimizer state after it.
+        start, optimizer_state, rng = 0, None, None
+        resumed = load_latest(self.ckpt_dir, steps=resume_steps) if resume_steps else None
+        if resumed is not None:
+            resume_step, state = resumed
+            recipe.load_state_dict(state["model"])
+            optimizer_state, rng = state["optimizer"], state["rng"]
+            start, self.bad_steps, self.skipped = resume_step + 1, state["bad_steps"], state["skipped_images"]
+            if env.is_main:
+                print(f"resuming {self.run_dir} after step {resume_step}")
+        elif cfg.init.from_run:
+            start, optimizer_state = self._init_from_run()
+        elif cfg.init.backbone:
+            self._init_backbone()
+        if resumed is None and recipe.gram_teacher is not None:
+            if cfg.gram.checkpoint:
+                recipe.gram_teacher.load_state_dict(load_model(cfg.gram.checkpoint).state_dict())
+            else:
+                recipe.refresh_gram_teacher()  # the EMA teacher at the start of the run
+        self._seed_rank(rng, start)
+
+        recipe.to(self.device)
+        parallelize(recipe, cfg.parallel, cfg.train.compile, env.world_size, self.device)
+        settings = param_settings(recipe.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        self.optimizer = build_optimizer(param_groups(settings), (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
+        if optimizer_state is not None:
+            set_optimizer_state_dict(
+                recipe.student, self.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
+            )
+        scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=env.world_size)
+        self.schedules = build_schedules_v2(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, scale)
+        self.backbone_groups = [g for g in self.optimizer.param_groups if g["names"][0].startswith("backbone.")]
+        if env.is_main:
+            self.log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
+        self.rng = self._get_rng()
+        recipe.train()
+        return start
+
+    def step(self, step: int, batch: dict, teacher_logits: tuple[Tensor, Tensor] | None) -> StepResult:
+        cfg, recipe, schedules = self.cfg, self.recipe, self.schedules
+        self._set_rng(self.rng)  # its own streams: a member draws the same with or without others
+        apply_schedules(self.optimizer, schedules.lr[step], schedules.weight_decay[step], schedules.last_layer_lr[step])
+        if step < cfg.init.head_warmup_steps:
+            for group in self.backbone_groups:
+                group["lr"] = 0.0  # heads warm up on a frozen backbone
+        self.skipped += len(batch["skipped"])
+        self.local_weight = schedules.dino_local_loss_weight[step] if schedules.dino_local_loss_weight else 1.0
+        self.gram_weight = 0.0
+        if recipe.gram_teacher is not None:
+            self.gram_weight = schedules.gram_loss_weight[step] if schedules.gram_loss_weight else cfg.gram.loss_weight
+            if cfg.gram.refreshes_at(step):
+                recipe.refresh_gram_teacher()
+        result = train_step(
+            recipe,
+            self.optimizer,
+            batch,
+            teacher_temp=schedules.teacher_temp[step],
+            momentum=schedules.momentum[step],
+            clip_grad=cfg.optim.clip_grad,
+            dino_local_weight=self.local_weight,
+            gram_weight=self.gram_weight,
+            teacher_logits=teacher_logits,
+            autocast=self.device.type == "cuda",
+        )
+        self.pending.append((step, result.finite))
+        self.rng = self._get_rng()
+        return result
+
+    def _get_rng(self) -> dict[str, Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _set_rng(self, rng: dict[str, Tensor]) -> None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def read_pending_flags(self) -> bool:
+        """Logs the skipped steps since the last read; stops on too many in a row. True if all were good."""
+        flags = torch.stack([f for _, f in self.pending]).tolist() if self.pending else []
+        for (s, _), good in zip(self.pending, flags, strict=True):
+            self.bad_steps = 0 if good else self.bad_steps + 1
+            if not good and self.log is not None:
+                self.log.log({"step": s, "skipped_step": True, "loss": float("nan"), "bad_steps": self.bad_steps})
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_steps} consecutive non-finite losses (last at step {s}); the weights were not "
+                    f"updated by them and the last checkpoint in {self.ckpt_dir} is intact. Lower the "
+                    "learning rate or check the data."
+                )
+        self.pending.clear()
+        return all(flags)
+
+    def record(self, step: int, result: StepResult, images_per_s: float) -> dict:
+        s = self.schedules
+        return {
+            "step": step,
+            **mean_over_ranks({"loss": result.loss, **result.terms}),
+            "lr": s.lr[step],
+            "weight_decay": s.weight_decay[step],
+            "teacher_temp": s.teacher_temp[step],
+            "momentum": s.momentum[step],
+            "dino_local_weight": self.local_weight,
+            **({"gram_weight": self.gram_weight} if self.recipe.gram_teacher is not None else {}),
+            **{f"grad_norm_{k}": v.item() for k, v in result.grad_norms.items()},
+            "skipped_images": sum_over_ranks(self.skipped, self.device),
+            "images_per_s": images_per_s,
+        }
+
+    def save(self, step: int) -> None:
+        state = {
+            "step": step,
+            # full states keyed by parameter name: readable by any number of ranks
+            "model": get_model_state_dict(self.recipe, options=FULL_STATE),
+            "optimizer": get_optimizer_state_dict(self.recipe.student, self.optimizer, options=FULL_STATE),
+            "rng": gather_objects(self.rng),
+            "bad_steps": self.bad_steps,
+            "skipped_images": sum_over_ranks(self.skipped, self.device),
+        }
+        if self.env.is_main:
+            save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
+
+    def finish(self) -> None:
+        """Exports the EMA model (the teacher of SSL, the student's EMA in distillation)."""
+        teacher = get_model_state_dict(self.recipe.teacher.backbone, options=FULL_STATE)
+        if self.env.is_main:
+            save_model(self.recipe.teacher.backbone, self.run_dir / "teacher.safetensors", state=teacher)
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def _seed_rank(self, rng: list[dict] | None, start: int) -> None:
+        """Random streams of this rank: restored from a checkpoint written by as many ranks, else seeded
+        per rank (stochastic depth and RoPE augmentation differ across ranks, as in the official code)."""
+        env = self.env
+        if rng is not None and len(rng) == env.world_size:
+            self._set_rng({k: v for k, v in rng[env.rank].items() if k == "cpu" or self.device.type == "cuda"})
+            return
+        if rng is not None and env.is_main:
+            print(
+                f"note: the checkpoint was written by {len(rng)} ranks, this run has {env.world_size}: "
+                "weights, optimizer, data order and masks carry on exactly; random streams restart"
+            )
+        torch.manual_seed(self.cfg.train.seed + 1_000_003 * (start + 1) + env.rank)
+
+    def _init_from_run(self) -> tuple[int, dict | None]:
+        """Starts this stage from an earlier run's newest checkpoint (``init.from_mode``); returns the step
+        to start at and the optimizer state to carry on (or None)."""
+        cfg, recipe = self.cfg.init, self.recipe
+        previous = load_latest(Path(cfg.from_run) / "checkpoints")
+        if previous is None:
+            raise FileNotFoundError(f"init.from_run={cfg.from_run}: no readable checkpoint in its checkpoints/")
+        step, state = previous
+        model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
+        if cfg.from_mode == "continue":
+            recipe.load_state_dict(model, strict=False)  # the Gram teacher is this stage's own
+            if self.env.is_main:
+                print(f"continuing {cfg.from_run} after its step {step}")
+            return step + 1, state["optimizer"]
+        if cfg.from_mode == "teacher":
+            teacher = {k[len("teacher.") :]: v for k, v in model.items() if k.startswith("teacher.")}
+            recipe.student.load_state_dict(teacher)
+            recipe.teacher.load_state_dict(teacher)
+            if self.env.is_main:
+                print(f"starting from the EMA teacher of {cfg.from_run} (its step {step}), fresh schedule")
+            return 0, None
+        raise ValueError(f"init.from_mode={cfg.from_mode!r}; valid: continue, teacher")
+
+    def _init_backbone(self) -> None:
+        """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
+        source = load_model(self.cfg.init.backbone)
+        state = source.state_dict()
+        for model in (self.recipe.student.backbone, self.recipe.teacher.backbone):
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"init.backbone={self.cfg.init.backbone} does not fit model.arch={self.cfg.model.arch}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+
+
 class Trainer:
+    """Runs one configuration: its members (one network, or one per distilled student), the shared data
+    loader and, in distillation, the frozen teacher whose forward pass all members share."""
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.env, self.device = init_distributed(cfg.train.device)
-        self.ckpt_dir = self.run_dir / "checkpoints"
 
     def _crop_sets(self) -> tuple[list[CropConfig], list[float]]:
         """One crop-size set, or the mixed resolutions of high-resolution adaptation with their odds."""
@@ -88,63 +303,47 @@ class Trainer:
             )
         return sets, [float(row[3]) for row in rows]
 
-    def _schedules(self):
+    def _members(self) -> list[Member]:
         cfg = self.cfg
-        scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=self.env.world_size)
-        return build_schedules_v2(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, scale)
+        if not cfg.distill.students:
+            return [Member(cfg, self.run_dir, self.env, self.device)]
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return [
+            Member(cfg_i, self.run_dir / name, self.env, self.device) for name, cfg_i in student_configs(cfg).items()
+        ]
 
     def run(self) -> Path:
         cfg, device, env = self.cfg, self.device, self.env
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if env.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-
         if cfg.data.source == "synthetic" or cfg.data.path is None:
             source = open_source(source="synthetic", n=cfg.data.synthetic_n, size=cfg.data.synthetic_size)
         else:
             source = open_source(cfg.data.path, cfg.data.source)
         source.check_readable()
-        recipe = SSLRecipe(cfg)
-        # Weights are restored into the plain modules, before any wrapping; the optimizer state after it.
-        start, bad_steps, skipped_total, optimizer_state, rng = 0, 0, 0, None, None
-        resumed = load_latest(self.ckpt_dir)
-        if resumed is not None:
-            step, state = resumed
-            recipe.load_state_dict(state["model"])
-            optimizer_state, rng = state["optimizer"], state["rng"]
-            start, bad_steps, skipped_total = step + 1, state["bad_steps"], state["skipped_images"]
-            if env.is_main:
-                print(f"resuming {self.run_dir} after step {step}")
-        elif cfg.init.from_run:
-            start, optimizer_state = self._init_from_run(recipe)
-        elif cfg.init.backbone:
-            self._init_backbone(recipe)
-        if resumed is None and recipe.gram_teacher is not None:
-            if cfg.gram.checkpoint:
-                recipe.gram_teacher.load_state_dict(load_model(cfg.gram.checkpoint).state_dict())
-            else:
-                recipe.refresh_gram_teacher()  # the EMA teacher at the start of the run
-        self._seed_rank(rng, start)
 
-        recipe.to(device)
-        parallelize(recipe, cfg.parallel, cfg.train.compile, env.world_size, device)
-        settings = param_settings(recipe.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-        optimizer = build_optimizer(param_groups(settings), (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
-        if optimizer_state is not None:
-            set_optimizer_state_dict(
-                recipe.student, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
-            )
-        schedules = self._schedules()
-
+        members = self._members()
+        resume = common_steps([m.ckpt_dir for m in members])
+        start = {m.build(resume) for m in members}
+        if len(start) != 1:
+            raise ValueError(f"the students would start at different steps {sorted(start)}: check init.*")
+        start = start.pop()
+        teacher = None
+        if cfg.distill.teacher:
+            teacher = load_distillation_teacher(cfg.distill.teacher, members[0].recipe.student)
+            teacher.to(device)
+            parallelize_frozen(teacher, cfg.parallel, env.world_size)
         crop_sets, crop_odds = self._crop_sets()
         multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
+        # The mask grid is the teacher's token grid on its (possibly downscaled) crops.
+        patch_owner = teacher if teacher is not None else members[0].recipe.student
         loader = build_ssl_loader(
             source,
             crop_sets,
             crop_set_probs=crop_odds,
             batch_size=cfg.train.batch_size,
-            patch_size=getattr(recipe.student.backbone, "patch_size", 16),
+            patch_size=getattr(patch_owner.backbone, "patch_size", 16),
+            teacher_to_student_resolution_scale=cfg.crops.teacher_to_student_resolution_scale,
             seed=cfg.train.seed,
             rank=env.rank,
             world_size=env.world_size,
@@ -159,170 +358,52 @@ class Trainer:
         if cfg.monitor.every:
             if cfg.monitor.every % cfg.log.every:
                 raise ValueError(f"monitor.every={cfg.monitor.every} must be a multiple of log.every={cfg.log.every}")
-            patch = getattr(recipe.teacher.backbone, "patch_size", 16)
+            patch = getattr(members[0].recipe.teacher.backbone, "patch_size", 16)
             size = cfg.monitor.size or cfg.crops.global_size
             monitor = DenseMonitor(size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval)
-        log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start) if env.is_main else None
-        backbone_groups = [g for g in optimizer.param_groups if g["names"][0].startswith("backbone.")]
         total = cfg.total_steps
         bar = tqdm(
             total=total, initial=start, desc="train", unit="step", disable=not (cfg.log.progress and env.is_main)
         )
         window_start, window_images = time.perf_counter(), 0
-        pending: list[tuple[int, torch.Tensor]] = []  # (step, finite flag) not yet read on the host
-
-        def read_pending_flags() -> bool:
-            """Log the skipped steps since the last read; stop on too many in a row. True if all were good."""
-            nonlocal bad_steps
-            flags = torch.stack([f for _, f in pending]).tolist() if pending else []
-            for (s, _), good in zip(pending, flags, strict=True):
-                bad_steps = 0 if good else bad_steps + 1
-                if not good and log is not None:
-                    log.log({"step": s, "skipped_step": True, "loss": float("nan"), "bad_steps": bad_steps})
-                if bad_steps >= cfg.train.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{bad_steps} consecutive non-finite losses (last at step {s}); the weights were not "
-                        f"updated by them and the last checkpoint in {self.ckpt_dir} is intact. Lower the "
-                        "learning rate or check the data."
-                    )
-            pending.clear()
-            return all(flags)
-
-        recipe.train()
         try:
             for step in range(start, total):
-                apply_schedules(
-                    optimizer, schedules.lr[step], schedules.weight_decay[step], schedules.last_layer_lr[step]
-                )
-                if step < cfg.init.head_warmup_steps:
-                    for group in backbone_groups:
-                        group["lr"] = 0.0  # heads warm up on a frozen backbone
                 batch = _to_device(next(batches), device)
                 if cfg.data.photometric_on_device:
                     batch = multicrop.photometric_collated(batch)
-                skipped_total += len(batch["skipped"])
-                local_weight = schedules.dino_local_loss_weight[step] if schedules.dino_local_loss_weight else 1.0
-                gram_weight = 0.0
-                if recipe.gram_teacher is not None:
-                    gram_weight = (
-                        schedules.gram_loss_weight[step] if schedules.gram_loss_weight else cfg.gram.loss_weight
+                teacher_logits = None
+                if teacher is not None:
+                    teacher_logits = distillation_teacher_logits(
+                        teacher, batch, cfg.crops.teacher_to_student_resolution_scale
                     )
-                    if cfg.gram.refreshes_at(step):
-                        recipe.refresh_gram_teacher()
-                result = train_step(
-                    recipe,
-                    optimizer,
-                    batch,
-                    teacher_temp=schedules.teacher_temp[step],
-                    momentum=schedules.momentum[step],
-                    clip_grad=cfg.optim.clip_grad,
-                    dino_local_weight=local_weight,
-                    gram_weight=gram_weight,
-                    autocast=device.type == "cuda",
-                )
-                pending.append((step, result.finite))
+                results = [m.step(step, batch, teacher_logits) for m in members]
                 window_images += batch["labels"].shape[0]
 
                 if (step + 1) % cfg.log.every == 0 or step + 1 == total:
-                    if read_pending_flags():
-                        now = time.perf_counter()
-                        record = {
-                            "step": step,
-                            **mean_over_ranks({"loss": result.loss, **result.terms}),
-                            "lr": schedules.lr[step],
-                            "weight_decay": schedules.weight_decay[step],
-                            "teacher_temp": schedules.teacher_temp[step],
-                            "momentum": schedules.momentum[step],
-                            "dino_local_weight": local_weight,
-                            **({"gram_weight": gram_weight} if recipe.gram_teacher is not None else {}),
-                            **{f"grad_norm_{k}": v.item() for k, v in result.grad_norms.items()},
-                            "skipped_images": sum_over_ranks(skipped_total, device),
-                            "images_per_s": window_images * env.world_size / (now - window_start),
-                        }
+                    now = time.perf_counter()
+                    images_per_s = window_images * env.world_size / (now - window_start)
+                    for member, result in zip(members, results, strict=True):
+                        if not member.read_pending_flags():
+                            continue
+                        record = member.record(step, result, images_per_s)
                         if monitor is not None and (step + 1) % cfg.monitor.every == 0:
                             # on every rank: a sharded teacher needs all of them for its forward
-                            record.update(monitor(recipe.teacher.backbone, recipe.gram_teacher))
-                        if log is not None:
-                            log.log(record)
-                        bar.set_postfix(loss=f"{record['loss']:.3f}")
-                        window_start, window_images = now, 0
+                            record.update(monitor(member.recipe.teacher.backbone, member.recipe.gram_teacher))
+                        if member.log is not None:
+                            member.log.log(record)
+                        if member is members[0]:
+                            bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    window_start, window_images = now, 0
                 if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
-                    read_pending_flags()
-                    self._save(step, recipe, optimizer, bad_steps, skipped_total)
+                    for member in members:
+                        member.read_pending_flags()
+                        member.save(step)
                 bar.update()
         finally:
             bar.close()
-            if log is not None:
-                log.close()
-        teacher = get_model_state_dict(recipe.teacher.backbone, options=FULL_STATE)
-        if env.is_main:
-            save_model(recipe.teacher.backbone, self.run_dir / "teacher.safetensors", state=teacher)
+            for member in members:
+                member.close_log()
+        for member in members:
+            member.finish()
         close_distributed()
         return self.run_dir
-
-    def _seed_rank(self, rng: list[dict] | None, start: int) -> None:
-        """Random streams of this rank: restored from a checkpoint written by as many ranks, else seeded
-        per rank (stochastic depth and RoPE augmentation differ across ranks, as in the official code)."""
-        env = self.env
-        if rng is not None and len(rng) == env.world_size:
-            torch.set_rng_state(rng[env.rank]["cpu"])
-            if "cuda" in rng[env.rank] and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng[env.rank]["cuda"], self.device)
-            return
-        if rng is not None and env.is_main:
-            print(
-                f"note: the checkpoint was written by {len(rng)} ranks, this run has {env.world_size}: "
-                "weights, optimizer, data order and masks carry on exactly; random streams restart"
-            )
-        torch.manual_seed(self.cfg.train.seed + 1_000_003 * (start + 1) + env.rank)
-
-    def _save(self, step: int, recipe: SSLRecipe, optimizer, bad_steps: int, skipped: int) -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "step": step,
-            # full states keyed by parameter name: readable by any number of ranks
-            "model": get_model_state_dict(recipe, options=FULL_STATE),
-            "optimizer": get_optimizer_state_dict(recipe.student, optimizer, options=FULL_STATE),
-            "rng": gather_objects(rng),
-            "bad_steps": bad_steps,
-            "skipped_images": sum_over_ranks(skipped, self.device),
-        }
-        if self.env.is_main:
-            save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
-
-    def _init_from_run(self, recipe: SSLRecipe) -> tuple[int, dict | None]:
-        """Starts this stage from an earlier run's newest checkpoint (``init.from_mode``); returns the step
-        to start at and the optimizer state to carry on (or None)."""
-        cfg = self.cfg.init
-        previous = load_latest(Path(cfg.from_run) / "checkpoints")
-        if previous is None:
-            raise FileNotFoundError(f"init.from_run={cfg.from_run}: no readable checkpoint in its checkpoints/")
-        step, state = previous
-        model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
-        if cfg.from_mode == "continue":
-            recipe.load_state_dict(model, strict=False)  # the Gram teacher is this stage's own
-            if self.env.is_main:
-                print(f"continuing {cfg.from_run} after its step {step}")
-            return step + 1, state["optimizer"]
-        if cfg.from_mode == "teacher":
-            teacher = {k[len("teacher.") :]: v for k, v in model.items() if k.startswith("teacher.")}
-            recipe.student.load_state_dict(teacher)
-            recipe.teacher.load_state_dict(teacher)
-            if self.env.is_main:
-                print(f"starting from the EMA teacher of {cfg.from_run} (its step {step}), fresh schedule")
-            return 0, None
-        raise ValueError(f"init.from_mode={cfg.from_mode!r}; valid: continue, teacher")
-
-    def _init_backbone(self, recipe: SSLRecipe) -> None:
-        """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
-        source = load_model(self.cfg.init.backbone)
-        state = source.state_dict()
-        for model in (recipe.student.backbone, recipe.teacher.backbone):
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"init.backbone={self.cfg.init.backbone} does not fit model.arch={self.cfg.model.arch}: "
-                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
