@@ -135,7 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     run_dir = trainer.run()
     if trainer.env.is_main:
-        print(f"finished: {run_dir} (teacher: {run_dir / 'teacher.safetensors'}, metrics: {run_dir / 'metrics.jsonl'})")
+        folders = [run_dir / s["name"] for s in cfg.distill.students] or [run_dir]
+        for folder in folders:
+            print(f"finished: {folder} (model: {folder / 'teacher.safetensors'}, metrics: {folder / 'metrics.jsonl'})")
     return 0
 
 

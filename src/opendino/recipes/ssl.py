@@ -138,18 +138,20 @@ class SSLRecipe(nn.Module):
         """The total loss and its terms (tensors) for a collated batch already on the device. With
         ``teacher_logits`` (distillation) the targets come from them and the student's global crops are
         not masked; the iBOT term still uses the sampled positions."""
-        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp, teacher_logits)
         masks = batch["collated_masks"]
+        stride = self.student.backbone.feature_stride
+        tokens = (batch["global"].shape[-2] // stride) * (batch["global"].shape[-1] // stride)
+        if tokens != masks.shape[1]:
+            raise ValueError(
+                f"the student has {tokens} patch tokens per global crop but the masks have {masks.shape[1]}: "
+                "set crops.teacher_to_student_resolution_scale to the ratio of the student's output stride "
+                "to the teacher's patch size"
+            )
+        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp, teacher_logits)
         student_masks = None if teacher_logits is not None else masks
         (glob, _), logits, patch_logits = self.student(
             [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )
-        if glob["x_norm_patchtokens"].shape[1] != masks.shape[1]:
-            raise ValueError(
-                f"the student has {glob['x_norm_patchtokens'].shape[1]} patch tokens per global crop but the "
-                f"masks have {masks.shape[1]}: set crops.teacher_to_student_resolution_scale to the ratio of "
-                "the student's output stride to the teacher's patch size"
-            )
         n_global_rows = glob["x_norm_clstoken"].shape[0]
         global_logits = logits[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
         local_logits = logits[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
