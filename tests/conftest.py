@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,11 @@ def fixture_files() -> list[Path]:
 def _deterministic_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def torchrun_train(preset: Path, run: Path, *overrides: str) -> None:
+    """``opendino train`` in 2 CPU processes under torchrun (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "opendino", "train", str(preset), f"run.dir={run}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

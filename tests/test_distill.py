@@ -19,6 +19,7 @@ from opendino.recipes.ssl import SSLRecipe, build_student
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
+from tests.conftest import torchrun_train
 
 HEADS = {"prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16, "last_layer_std": 0.3}
 TEACHER = {
@@ -38,8 +39,9 @@ TEACHER = {
         "momentum": {"start": 0.9, "peak": 0.9, "end": 1.0},
     },
 }
-SMALL = {"arch": "vit_small", "kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2}, "drop_path_rate": 0.2}
-MEDIUM = {"arch": "vit_small", "kwargs": {"embed_dim": 24, "depth": 2, "num_heads": 2}, "drop_path_rate": 0.2}
+SMALL = {"arch": "vit_small", "kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2, "layerscale_init": 0.1}}
+MEDIUM = {"arch": "vit_small", "kwargs": {"embed_dim": 24, "depth": 2, "num_heads": 2, "layerscale_init": 0.1}}
+SMALL["drop_path_rate"] = MEDIUM["drop_path_rate"] = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,19 @@ def test_students_may_only_change_their_own_sections(preset, tmp_path):
     cfg = load_train_config(preset, [f"run.dir={tmp_path / 'x'}", f"distill.students={students}"])
     with pytest.raises(ConfigError, match=r"sets \['crops'\]: shared by all students"):
         Trainer(cfg).run()
+
+
+def test_multi_student_distillation_on_two_ranks_equals_one_process(preset, tmp_path):
+    students = [
+        {"name": "small", "model": {**SMALL, "drop_path_rate": 0.0}},  # stochastic depth draws are per rank
+        {"name": "medium", "model": {**MEDIUM, "drop_path_rate": 0.0}},
+    ]
+    common = [f"distill.students={students}", "train.steps=4", "loss.koleo_group_size=-1"]
+    single = tmp_path / "single"
+    Trainer(load_train_config(preset, [f"run.dir={single}", "train.batch_size=8", *common])).run()
+    sharded = tmp_path / "sharded"
+    torchrun_train(preset, sharded, "train.batch_size=4", *common)
+    for name in ("small", "medium"):
+        for a, b in zip(read_metrics(sharded / name), read_metrics(single / name), strict=True):
+            for key in ("loss", "dino_local", "dino_global", "ibot", "koleo", "grad_norm_backbone"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (name, a["step"], key)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from opendino.models import load_model
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
+from tests.conftest import torchrun_train
 
 B = 4  # images per rank; the single process takes 2 * B
 STEPS = 5
@@ -65,13 +65,6 @@ def single(preset, tmp_path_factory) -> Path:
     return run
 
 
-def _torchrun(preset: Path, run: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "opendino", "train", str(preset), f"run.dir={run}", *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def _assert_same_losses(a: Path, b: Path, tolerance: float = 1e-5) -> None:
     ra, rb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(STEPS))
@@ -86,7 +79,7 @@ def _assert_same_losses(a: Path, b: Path, tolerance: float = 1e-5) -> None:
 @pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_global_batch(preset, single, tmp_path, data_parallel):
     run = tmp_path / data_parallel
-    _torchrun(preset, run, f"parallel.data_parallel={data_parallel}", "parallel.param_dtype=fp32")
+    torchrun_train(preset, run, f"parallel.data_parallel={data_parallel}", "parallel.param_dtype=fp32")
     _assert_same_losses(run, single)
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["parallel"]["data_parallel"] == data_parallel
@@ -98,7 +91,7 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(preset, single, 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one(preset, single, tmp_path):
     run = tmp_path / "resumed"
-    _torchrun(preset, run, "train.steps=3", "parallel.data_parallel=fsdp", "parallel.param_dtype=fp32")
+    torchrun_train(preset, run, "train.steps=3", "parallel.data_parallel=fsdp", "parallel.param_dtype=fp32")
     assert len(read_metrics(run)) == 3
     Trainer(load_train_config(preset, [f"run.dir={run}", f"train.batch_size={2 * B}"])).run()
     _assert_same_losses(run, single)
@@ -172,7 +165,7 @@ def test_gram_and_high_resolution_stages_shard_like_one_process(preset, tmp_path
     single = tmp_path / "single"
     Trainer(load_train_config(preset, [f"run.dir={single}", f"train.batch_size={2 * B}", *stage])).run()
     run = tmp_path / "sharded"
-    _torchrun(preset, run, "parallel.data_parallel=fsdp", "parallel.param_dtype=fp32", *stage)
+    torchrun_train(preset, run, "parallel.data_parallel=fsdp", "parallel.param_dtype=fp32", *stage)
     _assert_same_losses(run, single)
     records = read_metrics(run)
     assert all("gram" in r for r in records) and sum("monitor_gram_distance" in r for r in records) == 2

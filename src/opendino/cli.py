@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain (or continue) a model with the SSL recipe",
         description="Run the student-teacher recipe from a YAML preset (configs/demo, configs/stages, ...) with "
         "dotted overrides, e.g. `opendino train configs/demo/pretrain.yaml run.dir=runs/x train.steps=100 "
-        "data.path=/my/images`. A folder with checkpoints resumes where it stopped.",
+        "data.path=/my/images`. A folder with checkpoints resumes where it stopped. `distill.teacher=RUN` distils "
+        "a trained run into this student (configs/distill). On several devices: `torchrun --nproc-per-node N -m "
+        "opendino train ...` (docs/distributed.md).",
     )
     p.add_argument("config", help="YAML preset")
     p.add_argument(

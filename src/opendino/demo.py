@@ -2,10 +2,12 @@
 
 1. pretrains a tiny ViT with the full SSL recipe (DINO + iBOT + KoLeo, Sinkhorn-Knopp, EMA teacher) on
    the synthetic world (``configs/demo/pretrain.yaml``) and prints its loss curve;
-2. evaluates the trained teacher against a random-initialised model of the same architecture with the
+2. continues it with a short Gram-anchoring stage (``configs/demo/gram.yaml``: its models, heads,
+   optimizer and step counter, a Gram teacher taken from its EMA teacher);
+3. evaluates the final teacher against a random-initialised model of the same architecture with the
    whole evaluation suite (``opendino eval``: k-NN, linear, logistic regression, segmentation, depth,
    correspondence) on held-out synthetic scenes, with the report and pictures in ``<out>/eval``;
-3. checks interoperability: the trained backbone reloads from safetensors, and its weights give the same
+4. checks interoperability: the trained backbone reloads from safetensors, and its weights give the same
    features in timm and Hugging Face transformers (ViT-S/16 geometry with the same code paths).
 """
 
@@ -24,7 +26,9 @@ from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
 
-PRESET = Path(__file__).resolve().parents[2] / "configs" / "demo" / "pretrain.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+PRESET, GRAM_PRESET = CONFIGS / "pretrain.yaml", CONFIGS / "gram.yaml"
+GRAM_STEPS = 60
 N_TRAIN, N_TEST = 1000, 500
 
 
@@ -58,13 +62,27 @@ def _peer_differences(model: torch.nn.Module, x: torch.Tensor) -> dict[str, str]
     return result
 
 
-def run_demo(out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val: int = N_TEST) -> dict:
-    """Runs the demo, prints its report and returns the evaluation results (as ``opendino eval``)."""
+def run_demo(
+    out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val: int = N_TEST, gram_steps: int = GRAM_STEPS
+) -> dict:
+    """Runs the demo, prints its report and returns the evaluation results (as ``opendino eval``).
+    ``overrides`` apply to both training stages."""
     t0 = time.perf_counter()
     cfg = load_train_config(PRESET, [f"run.dir={out / 'pretrain'}", *overrides])
-    run = Trainer(cfg).run()
+    pretrained = Trainer(cfg).run()
+    pretrain_s = time.perf_counter() - t0
+    gram_cfg = load_train_config(
+        GRAM_PRESET,
+        [
+            f"run.dir={out / 'gram'}",
+            f"init.from_run={pretrained}",
+            *overrides,
+            f"train.steps={cfg.total_steps + gram_steps}",
+        ],
+    )
+    run = Trainer(gram_cfg).run()
     train_s = time.perf_counter() - t0
-    records = [r for r in read_metrics(run) if not r.get("skipped_step")]
+    records = [r for r in read_metrics(pretrained) + read_metrics(run) if not r.get("skipped_step")]
     # Twice the training crop size: a finer patch grid for the dense tasks.
     results = evaluate(
         run,
@@ -81,10 +99,12 @@ def run_demo(out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val
         batch = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         peers = _peer_differences(vits, batch)
 
-    print(f"\nOpenDINO demo — SSL pretraining of a tiny ViT on the synthetic world ({run})\n")
-    print("  step   loss    dino_local  ibot    koleo")
+    print(f"\nOpenDINO demo — SSL pretraining of a tiny ViT on the synthetic world, then Gram anchoring ({run})\n")
+    print("  step   loss    dino_local  ibot    koleo   gram")
     for r in records[:: max(1, len(records) // 8)] + ([records[-1]] if len(records) % 8 else []):
-        print(f"  {r['step']:>4}   {r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}")
+        gram = f"{r['gram']:.3f}" if "gram" in r else "-"
+        terms = f"{r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}   {gram}"
+        print(f"  {r['step']:>4}   {terms}")
     print(f"\n  evaluation on held-out scenes (train {n_train}, val {n_val}, 10 classes; report: {out / 'eval'}):")
     print(f"  {'task':<7} {'metric':<14} {'trained':>8} {'random init':>12}")
     rows = [*HEADLINE.items(), ("seg", "nn_miou")]  # the training-free dense probe beside the linear one
@@ -94,5 +114,8 @@ def run_demo(out: Path, overrides: list[str] = (), n_train: int = N_TRAIN, n_val
     print("\n  interoperability (ViT-S/16, our weights in peer libraries, max |diff| of all tokens):")
     for name, value in peers.items():
         print(f"    {name:<28} {value}")
-    print(f"\n  training {train_s:.0f}s, total {time.perf_counter() - t0:.0f}s\n")
+    print(
+        f"\n  pretraining {pretrain_s:.0f}s, Gram anchoring {train_s - pretrain_s:.0f}s, "
+        f"total {time.perf_counter() - t0:.0f}s\n"
+    )
     return results
