@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors import safe_open
 
@@ -147,3 +148,16 @@ def test_knn_on_a_separable_toy_problem_and_by_hand():
         train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), torch.tensor([1]), ks=(1, 3), temperature=1.0
     )
     assert acc == {1: 0.0, 3: 1.0}
+
+
+def test_the_configuration_reference_is_current_and_config_prints_overrides(capsys):
+    from tests.conftest import REPO
+
+    assert main(["config", "--reference"]) == 0
+    generated = capsys.readouterr().out
+    assert generated == (REPO / "docs" / "configuration.md").read_text(), "regenerate docs/configuration.md"
+    assert "`distill.teacher`" in generated and "`parallel.data_parallel`" in generated
+    assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml"), "train.steps=7"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["steps"] == 7 and resolved["model"]["kwargs"]["embed_dim"] == 192
+    assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml"), "tran.steps=1"]) == 2

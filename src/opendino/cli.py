@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import yaml
 
 
 class UsageError(ValueError):
@@ -138,6 +139,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         folders = [run_dir / s["name"] for s in cfg.distill.students] or [run_dir]
         for folder in folders:
             print(f"finished: {folder} (model: {folder / 'teacher.safetensors'}, metrics: {folder / 'metrics.jsonl'})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from opendino.config import ConfigError, to_dict
+    from opendino.train.config import load_train_config, reference_markdown
+
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -321,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="key=value overrides (run.dir, data.path, model.arch, train.steps, ...)"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "config",
+        help="print the resolved configuration of a preset with overrides, or the reference of every key",
+        description="Prints the configuration `opendino train CONFIG [overrides]` would run with (YAML), or "
+        "with --reference the Markdown reference of every key (docs/configuration.md).",
+    )
+    p.add_argument("config", nargs="?", help="YAML preset (default: the official defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--reference", action="store_true", help="every key, its type, default and meaning")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
         "submit",

@@ -148,3 +148,53 @@ def merge(base: dict, update: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comments written beside (or on the lines just above) each field of a dataclass's source."""
+    import inspect
+    import re
+
+    comments, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+            continue
+        m = re.match(r"\s+(\w+):[^#]*?(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith(("def ", "return", '"""')):
+            text = " ".join([*pending, m.group(2) or ""]).strip()
+            if text:
+                comments[m.group(1)] = text
+        pending = []
+    return comments
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def reference(cls: type, title: str, intro: str = "") -> str:
+    """A Markdown reference of a nested config dataclass: one table per section with every key, its type,
+    its default and the comment beside it in the source."""
+    out = [f"# {title}", "", intro, ""] if intro else [f"# {title}", ""]
+    root = cls()
+    for f in dataclasses.fields(cls):
+        section = getattr(root, f.name)
+        if not dataclasses.is_dataclass(section):
+            continue
+        sub = type(section)
+        doc = (sub.__doc__ or "").strip()
+        out += [f"## `{f.name}`", ""]
+        if doc and not doc.startswith(sub.__name__ + "("):
+            out += [" ".join(doc.split()), ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        hints, comments = typing.get_type_hints(sub), _field_comments(sub)
+        for g in dataclasses.fields(sub):
+            default = yaml.safe_dump(to_dict(getattr(section, g.name)), default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            meaning = comments.get(g.name, "").replace("|", "\\|")
+            kind = _type_name(hints[g.name]).replace("|", "\\|")
+            out.append(f"| `{f.name}.{g.name}` | `{kind}` | `{default}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)

@@ -29,6 +29,18 @@ from opendino.train.trainer import Trainer
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 PRESET, GRAM_PRESET = CONFIGS / "pretrain.yaml", CONFIGS / "gram.yaml"
 GRAM_STEPS = 60
+# The least the trained model beats its random-initialised twin by, stated in the README and asserted by
+# the slow demo test at reduced length (lower RMSE is better; every other metric higher). Correspondence
+# has no margin: the demo model does not beat random init there yet (docs/evaluation.md).
+MARGINS = {
+    ("knn", "top1_k20"): 0.06,
+    ("linear", "top1"): 0.06,
+    ("logreg", "top1"): 0.06,
+    ("seg", "miou"): 0.01,
+    ("seg", "nn_miou"): 0.02,
+    ("depth", "delta1"): 0.03,
+    ("depth", "rmse"): 0.1,
+}
 N_TRAIN, N_TEST = 1000, 500
 
 
@@ -106,11 +118,17 @@ def run_demo(
         terms = f"{r['loss']:.3f}  {r['dino_local']:.3f}       {r['ibot']:.3f}   {r['koleo']:.3f}   {gram}"
         print(f"  {r['step']:>4}   {terms}")
     print(f"\n  evaluation on held-out scenes (train {n_train}, val {n_val}, 10 classes; report: {out / 'eval'}):")
-    print(f"  {'task':<7} {'metric':<14} {'trained':>8} {'random init':>12}")
-    rows = [*HEADLINE.items(), ("seg", "nn_miou")]  # the training-free dense probe beside the linear one
+    print(f"  {'task':<7} {'metric':<14} {'trained':>8} {'random init':>12}   stated margin")
+    # the training-free dense probe beside the linear one, and depth's error beside its accuracy
+    rows = [*HEADLINE.items(), ("seg", "nn_miou"), ("depth", "rmse")]
     for task, metric in rows:
         trained, floor = results["trained"][task][metric], results["random_init"][task][metric]
-        print(f"  {task:<7} {metric:<14} {trained:>8.3f} {floor:>12.3f}")
+        margin = MARGINS.get((task, metric))
+        check = "none yet"
+        if margin is not None:
+            gain = floor - trained if metric == "rmse" else trained - floor
+            check = f"{'-' if metric == 'rmse' else '+'}{margin:.2f} {'met' if gain >= margin else 'NOT MET'}"
+        print(f"  {task:<7} {metric:<14} {trained:>8.3f} {floor:>12.3f}   {check}")
     print("\n  interoperability (ViT-S/16, our weights in peer libraries, max |diff| of all tokens):")
     for name, value in peers.items():
         print(f"    {name:<28} {value}")

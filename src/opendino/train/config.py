@@ -15,16 +15,16 @@ from opendino.train.schedules import ScheduleSpec
 
 @dataclasses.dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # the run folder: config, metrics, TensorBoard, checkpoints, exported model
 
 
 @dataclasses.dataclass
 class DataConfig:
     source: str | None = None  # folder | list | tar | synthetic; None: detected from `path`
-    path: str | None = None
-    synthetic_n: int = 100_000
-    synthetic_size: int = 128
-    num_workers: int = 0
+    path: str | None = None  # an image folder, a file list (txt/csv) or a folder of tar shards
+    synthetic_n: int = 100_000  # scenes in the synthetic training set
+    synthetic_size: int = 128  # their rendering size in pixels
+    num_workers: int = 0  # data-loading processes (decode, crops, masks); 0 = in the training process
     photometric_on_device: bool = False  # collate uint8 crops, distort them batched on the device
 
 
@@ -32,12 +32,12 @@ class DataConfig:
 class ModelConfig:
     arch: str = "vit_large"  # a name of `opendino models`
     kwargs: dict = dataclasses.field(default_factory=dict)  # constructor overrides (custom sizes)
-    drop_path_rate: float = 0.3
+    drop_path_rate: float = 0.3  # stochastic depth of the student
 
 
 @dataclasses.dataclass
 class HeadConfig:
-    prototypes: int = 65536
+    prototypes: int = 65536  # K, the number of prototypes (the output size)
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
@@ -46,13 +46,13 @@ class HeadConfig:
 
 @dataclasses.dataclass
 class CropsConfig:
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 8
-    global_scale: tuple[float, ...] = (0.32, 1.0)
-    local_scale: tuple[float, ...] = (0.05, 0.32)
+    global_size: int = 224  # pixels
+    local_size: int = 96  # pixels
+    n_local: int = 8  # local crops per image (2 global crops always)
+    global_scale: tuple[float, ...] = (0.32, 1.0)  # RandomResizedCrop area range
+    local_scale: tuple[float, ...] = (0.05, 0.32)  # RandomResizedCrop area range
     horizontal_flips: bool = True
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # normalisation (satellite models use their own)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     # High-resolution adaptation (recipe.md §4.4): rows of [global, local, Gram teacher, probability]; one
     # row is drawn per step (the same on every rank). Empty: the single set above.
@@ -71,8 +71,8 @@ class LossConfig:
     global_ignore_diagonal: bool = True
     student_temp: float = 0.1
     sinkhorn_iterations: int = 3
-    mask_ratio: tuple[float, ...] = (0.1, 0.5)
-    mask_probability: float = 0.5
+    mask_ratio: tuple[float, ...] = (0.1, 0.5)  # iBOT: masked share of tokens, spread over the masked crops
+    mask_probability: float = 0.5  # share of global crops that are masked
     # KoLeo neighbours: 0 = within each rank's crops (official pretraining); N = within contiguous groups
     # of N samples of the global batch, gathered across ranks (high-resolution stage: 16); -1 = the whole
     # global batch (the same loss at any world size).
@@ -81,10 +81,10 @@ class LossConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    epochs: float = 100
-    scaling_rule: str = "sqrt_wrt_1024"
-    clip_grad: float = 3.0
-    layerwise_decay: float = 0.9
+    epochs: float = 100  # schedule length in epochs of `train.epoch_length` steps
+    scaling_rule: str = "sqrt_wrt_1024"  # lr x sqrt(global batch / 1024); or linear_wrt_256, none
+    clip_grad: float = 3.0  # per submodule (backbone, DINO head, iBOT head)
+    layerwise_decay: float = 0.9  # lr x decay^(depth - layer)
     patch_embed_lr_mult: float = 0.2
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
@@ -102,11 +102,11 @@ def _default_schedules() -> dict[str, ScheduleSpec]:
 @dataclasses.dataclass
 class TrainLoopConfig:
     batch_size: int = 64  # images per rank
-    epoch_length: int = 1250
+    epoch_length: int = 1250  # steps per "epoch" of the schedules (not a pass over the data)
     steps: int | None = None  # run length; default: optim.epochs * epoch_length
-    seed: int = 0
+    seed: int = 0  # weights, data order, crops and masks all follow from it
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: bool = False  # torch.compile every block and head
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
 
 
@@ -122,7 +122,7 @@ class ParallelConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 500  # steps
-    keep: int = 3
+    keep: int = 3  # newest checkpoints kept
 
 
 @dataclasses.dataclass
@@ -267,4 +267,24 @@ def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
     return configs
 
 
-__all__ = ["ConfigError", "TrainConfig", "load_train_config", "student_configs"]
+REFERENCE_INTRO = """Every key of `opendino train` (and `opendino submit`), its type, its default (the official
+recipe's, recipe.md §4.1) and what it means. Presets in `configs/` change what differs; any key can be
+overridden on the command line as `section.key=value` (values are YAML: `crops.global_scale=[0.4,1.0]`).
+`opendino config PRESET [overrides]` prints the resolved configuration of a run.
+
+`schedules` maps names to schedules in epochs — `lr` (with `freeze_last_layer_epochs`), `weight_decay`,
+`teacher_temp`, `momentum` and optionally `dino_local_loss_weight` and `gram_loss_weight` — each
+`{start, peak, end, warmup_epochs, cosine_epochs, freeze_last_layer_epochs, shape}` (`shape: v2` the
+DINOv3 warm-up / cosine / constant, `v1` the DINOv2-style cosine); a preset's `schedules` replaces the
+defaults as a whole.
+
+This file is generated: `opendino config --reference > docs/configuration.md` (a test checks it is current)."""
+
+
+def reference_markdown() -> str:
+    from opendino.config import reference
+
+    return reference(TrainConfig, "Configuration reference", REFERENCE_INTRO)
+
+
+__all__ = ["ConfigError", "TrainConfig", "load_train_config", "reference_markdown", "student_configs"]

@@ -7,6 +7,9 @@ the end, ``teacher.safetensors``. Starting a run in a folder that has checkpoint
 
 Under torchrun every rank runs this loop on its share of each batch; rank 0 alone writes the run folder.
 Checkpoints hold full (unsharded) states keyed by parameter name, so a run resumes on any number of ranks.
+In distillation a frozen teacher outside the recipes gives the targets, and with several students each is
+a ``Member`` with its own recipe, optimizer, schedules, random streams and sub-folder, fed the same batches
+and the same teacher forward pass.
 """
 
 from __future__ import annotations
@@ -72,10 +75,6 @@ class Member:
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, finite flag) not yet read on the host
         self.log: MetricsLog | None = None
         self.rng: dict[str, Tensor] = {}  # this member's random streams between its steps
-
-    @property
-    def name(self) -> str:
-        return self.run_dir.name
 
     def build(self, resume_steps: set[int] | None) -> int:
         """Builds and restores the recipe (from this member's newest checkpoint among ``resume_steps``, or as
