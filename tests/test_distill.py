@@ -95,9 +95,12 @@ def test_the_student_learns_from_the_frozen_teacher_with_unmasked_crops(preset, 
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
-def test_prototype_counts_must_match_the_teacher(preset, tmp_path):
+def test_prototype_counts_must_match_the_teacher_and_there_is_no_gram(preset, tmp_path):
     cfg = load_train_config(preset, [f"run.dir={tmp_path / 'bad'}", "dino_head.prototypes=32"])
     with pytest.raises(ValueError, match="dino_head: the student has 32 prototypes, the teacher 64"):
+        Trainer(cfg).run()
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'gram'}", "gram.enabled=true"])
+    with pytest.raises(ValueError, match="distillation has no Gram anchoring"):
         Trainer(cfg).run()
 
 

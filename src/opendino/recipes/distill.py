@@ -18,9 +18,9 @@ from opendino.train.checkpoint import load_latest
 from opendino.train.config import load_train_config
 
 
-def load_distillation_teacher(run: str | Path, student: SSLModel) -> SSLModel:
+def load_distillation_teacher(run: str | Path, *students: SSLModel) -> SSLModel:
     """The EMA teacher (backbone and both heads) of an OpenDINO run's newest checkpoint, frozen. Its heads
-    must have the student's prototype counts (the targets are distributions over the same prototypes)."""
+    must have the students' prototype counts (the targets are distributions over the same prototypes)."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(
@@ -34,12 +34,13 @@ def load_distillation_teacher(run: str | Path, student: SSLModel) -> SSLModel:
     teacher = build_student(load_train_config(run / "config.yaml"))
     weights = {k[len("teacher.") :]: v for k, v in state["model"].items() if k.startswith("teacher.")}
     teacher.load_state_dict(weights)
-    for head in ("dino_head", "ibot_head"):
-        ours, theirs = (getattr(m, head).last_layer.out_features for m in (student, teacher))
-        if ours != theirs:
-            raise ValueError(
-                f"{head}: the student has {ours} prototypes, the teacher {theirs}; set {head}.prototypes={theirs}"
-            )
+    for student in students:
+        for head in ("dino_head", "ibot_head"):
+            ours, theirs = (getattr(m, head).last_layer.out_features for m in (student, teacher))
+            if ours != theirs:
+                raise ValueError(
+                    f"{head}: the student has {ours} prototypes, the teacher {theirs}; set {head}.prototypes={theirs}"
+                )
     return teacher.requires_grad_(False).eval()
 
 

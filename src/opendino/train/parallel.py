@@ -53,11 +53,15 @@ def compile_recipe(recipe: nn.Module, heads: bool = True) -> None:
     of a depth, so compilation time does not grow with depth) and, with ``heads``, the projection heads.
     Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes."""
     for model in (recipe.student, recipe.teacher):
-        for block in getattr(model.backbone, "blocks", []):
-            block.compile()
-        if heads:
-            for name in ("dino_head", "ibot_head"):
-                getattr(model, name).compile(dynamic=True)
+        _compile(model, heads)
+
+
+def _compile(model: nn.Module, heads: bool = True) -> None:
+    for block in getattr(model.backbone, "blocks", []):
+        block.compile()
+    if heads:
+        for head in (model.dino_head, model.ibot_head):
+            head.compile(dynamic=True)
 
 
 def _precision(cfg: ParallelConfig) -> MixedPrecisionPolicy:
@@ -92,9 +96,11 @@ def apply_data_parallel(recipe: nn.Module, cfg: ParallelConfig, device: torch.de
         _fully_shard(recipe.gram_teacher, recipe.gram_teacher, policy)
 
 
-def parallelize_frozen(model: nn.Module, cfg: ParallelConfig, world_size: int) -> None:
-    """A frozen model outside the recipe (the distillation teacher): sharded like the students under FSDP
-    (over all ranks), replicated as it is under DDP."""
+def parallelize_frozen(model: nn.Module, cfg: ParallelConfig, compile: bool, world_size: int) -> None:
+    """A frozen model outside the recipe (the distillation teacher): compiled per block and head like the
+    students, then sharded like them under FSDP (over all ranks), replicated as it is under DDP."""
+    if compile:
+        _compile(model)
     if world_size > 1 and cfg.data_parallel == "fsdp":
         _fully_shard(model, model.backbone, _precision(cfg))
 

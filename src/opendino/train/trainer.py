@@ -321,6 +321,8 @@ class Trainer:
             source = open_source(cfg.data.path, cfg.data.source)
         source.check_readable()
 
+        if cfg.distill.teacher and cfg.gram.enabled:
+            raise ValueError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
         members = self._members()
         resume = common_steps([m.ckpt_dir for m in members])
         start = {m.build(resume) for m in members}
@@ -329,9 +331,9 @@ class Trainer:
         start = start.pop()
         teacher = None
         if cfg.distill.teacher:
-            teacher = load_distillation_teacher(cfg.distill.teacher, members[0].recipe.student)
+            teacher = load_distillation_teacher(cfg.distill.teacher, *(m.recipe.student for m in members))
             teacher.to(device)
-            parallelize_frozen(teacher, cfg.parallel, env.world_size)
+            parallelize_frozen(teacher, cfg.parallel, cfg.train.compile, env.world_size)
         crop_sets, crop_odds = self._crop_sets()
         multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
         # The mask grid is the teacher's token grid on its (possibly downscaled) crops.
