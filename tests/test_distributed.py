@@ -169,3 +169,14 @@ def test_gram_and_high_resolution_stages_shard_like_one_process(preset, tmp_path
     _assert_same_losses(run, single)
     records = read_metrics(run)
     assert all("gram" in r for r in records) and sum("monitor_gram_distance" in r for r in records) == 2
+
+
+def test_submit_command_runs_a_local_job_to_the_end(preset, tmp_path, capsys):
+    pytest.importorskip("submitit")
+    from opendino.cli import main
+
+    run = tmp_path / "cli"
+    args = ["submit", "--cluster", "local", "--gpus-per-node", "0", "--time", "10", "--wait", str(preset)]
+    assert main([*args, f"run.dir={run}", "train.steps=2"]) == 0
+    assert "submitted job" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run)] == [0, 1] and (run / "teacher.safetensors").exists()
