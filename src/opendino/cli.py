@@ -124,15 +124,21 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """The run configuration of ``CONFIG [overrides]``; a bad key or value is a usage error (exit 2)."""
     from opendino.config import ConfigError
     from opendino.train.config import load_train_config
-    from opendino.train.trainer import Trainer
 
     try:
-        cfg = load_train_config(args.config, args.overrides)
+        return load_train_config(args.config, args.overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from opendino.train.trainer import Trainer
+
+    cfg = _train_config(args)
     trainer = Trainer(cfg)
     run_dir = trainer.run()
     if trainer.env.is_main:
@@ -143,29 +149,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from opendino.config import ConfigError, to_dict
-    from opendino.train.config import load_train_config, reference_markdown
+    from opendino.config import to_dict
+    from opendino.train.config import reference_markdown
 
     if args.reference:
         print(reference_markdown())
         return 0
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(_train_config(args)), sort_keys=False), end="")
     return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from opendino.config import ConfigError
-    from opendino.train.config import load_train_config
-
+    cfg = _train_config(args)
     try:
-        cfg = load_train_config(args.config, args.overrides)
         from opendino.train.submit import submit
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
     except ImportError:
         raise UsageError("opendino submit needs submitit: pip install 'opendino[slurm]'") from None
     if args.nodes < 1 or args.gpus_per_node < 0:
