@@ -180,3 +180,25 @@ def test_submit_command_runs_a_local_job_to_the_end(preset, tmp_path, capsys):
     assert main([*args, f"run.dir={run}", "train.steps=2"]) == 0
     assert "submitted job" in capsys.readouterr().out
     assert [r["step"] for r in read_metrics(run)] == [0, 1] and (run / "teacher.safetensors").exists()
+
+
+def test_submit_writes_the_slurm_job_the_options_describe(preset, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("submitit")
+    from opendino.cli import main
+
+    # Stand-ins for SLURM's commands: `sbatch` keeps the script it is given and answers like SLURM.
+    bin_dir, script = tmp_path / "bin", tmp_path / "job.sh"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {script}\necho "Submitted batch job 4242"\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run = tmp_path / "slurm-run"
+    args = ["submit", "--nodes", "2", "--gpus-per-node", "8", "--partition", "learn", "--time", "600"]
+    assert main([*args, str(preset), f"run.dir={run}"]) == 0
+    assert "submitted job 4242" in capsys.readouterr().out
+    lines = script.read_text().splitlines()
+    for expected in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=learn", "--time=600"):
+        assert f"#SBATCH {expected}" in lines
+    assert any(line.startswith("#SBATCH --signal=USR2@") for line in lines)  # warned before the time-out
