@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness, the full training step (eager vs compiled, ViT-S/B/L), the end-to-end
-# trainer from a JPEG folder, the data pipeline and inference against timm. Prints a short table last.
-# Every section has its own time limit, so one slow part cannot take the others down.
-#   bash benchmarks/gpu_check.sh            (from the repo root on the device machine)
+# One device call: GPU correctness, the full training step (ViT-S/B/L, with its host synchronisations and a
+# profile), the end-to-end trainer from a JPEG folder; optionally the data pipeline and inference against
+# timm. Prints a short table last; every section's output is kept in $OUT/all.log.
+# Every section has its own time limit, so one slow part cannot take the others down; the default set fits
+# one 10-minute device call.
+#   bash benchmarks/gpu_check.sh                    (from the repo root on the device machine)
+#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also ViT-L b32, activation checkpointing, data, inference)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -17,11 +20,12 @@ section() {  # section SECONDS COMMAND... : run with a limit, keep the lines tha
     echo "== $*"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/section.log"
     local rc=${PIPESTATUS[0]}
+    cat "$OUT/section.log" >>"$OUT/all.log"
     grep '^|' "$OUT/section.log" >>"$SUMMARY"
     [ "$rc" -eq 0 ] || echo "| FAILED ($rc): $* |" >>"$SUMMARY"
 }
 
-section 120 python3 - <<'PY'
+section 60 python3 - <<'PY'
 import torch
 from opendino.models import build_model
 
@@ -40,26 +44,27 @@ for name in ("vits16plus", "vitb16", "convnext_tiny"):
     print(f"| {name} | {(fp32 - ref).abs().max().item():.1e} | {(bf16 - ref).abs().max().item():.1e} |")
 PY
 
-# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16.
+# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16, blocks and heads
+# compiled. The first ViT-S run also lists the step's host-device synchronisations and profiles it; the
+# baselines time the patch embedding before 2026-11-26 (a cuDNN convolution) in the same call.
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
-STEP="python3 benchmarks/train_step.py --device cuda --steps 10 --warmup 3 --table"
-section 90 $STEP --arch vit_small --batch-size 64
-section 150 $STEP --arch vit_small --batch-size 64 --compile blocks
-section 150 $STEP --arch vit_small --batch-size 64 --compile blocks+heads
-
-# End to end: JPEG folder -> workers (decode + uint8 crops) -> GPU (photometric) -> compiled step.
-section 200 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 120 --compile
-section 150 $STEP --arch vit_base --batch-size 64 --compile blocks+heads
-section 150 $STEP --arch vit_large --batch-size 32 --compile blocks+heads
-section 120 $STEP --arch vit_large --batch-size 64 --compile blocks+heads
-# Activation checkpointing: memory traded for recomputation (the same loss, tested on CPU).
-section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads --ac selective
-section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads --ac full
-
-
-section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
-section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
+STEP="python3 benchmarks/train_step.py --device cuda --steps 20 --warmup 3 --table --compile blocks+heads"
+section 150 $STEP --arch vit_small --batch-size 64 --sync-debug --profile
+section 80 $STEP --arch vit_small --batch-size 64 --baseline-patch-embed
+section 100 $STEP --arch vit_base --batch-size 64
+section 100 $STEP --arch vit_large --batch-size 64
+section 90 $STEP --arch vit_large --batch-size 64 --baseline-patch-embed
+if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
+    # End to end: JPEG folder -> workers (decode + uint8 crops) -> GPU (photometric) -> compiled step.
+    section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile
+    section 80 $STEP --arch vit_small --batch-size 64 --baseline-ema
+    section 150 $STEP --arch vit_large --batch-size 32
+    section 150 $STEP --arch vit_large --batch-size 64 --ac selective
+    section 150 $STEP --arch vit_large --batch-size 64 --ac full
+    section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
+    section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
+fi
 
 echo
 echo "=== summary ($(date -u +%F))"

@@ -15,6 +15,7 @@ import torch
 
 from opendino.data.collate import collate_masks
 from opendino.data.masking import BlockMaskGenerator
+from opendino.models.vit import PatchEmbed
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
@@ -51,9 +52,37 @@ def profile(step, device: torch.device) -> None:
     wall = (time.perf_counter() - start) / 3
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
-    busy = sum(getattr(e, key) for e in events) / 3 / 1e6
+    # Kernels only: an operator's row repeats the device time of the kernels it launched.
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    busy = sum(getattr(e, key) for e in events if e.device_type == kind) / 3 / 1e6
     print(f"profiled: wall {wall * 1e3:.1f} ms/step, device busy {busy * 1e3:.1f} ms/step")
     print(events.table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
+def report_syncs(step) -> None:
+    """Runs one step with CUDA's synchronisation debug mode and prints each distinct synchronising line."""
+    import collections
+    import traceback
+    import warnings
+
+    seen: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()[:-1]
+        ours = [f for f in stack if "opendino" in f.filename or "benchmarks" in f.filename]
+        where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.line}" for f in [stack[-1], *ours[-1:]])
+        seen[f"{where} [{str(message).splitlines()[0][:80]}]"] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    print(f"host-device synchronisations in one step: {sum(seen.values())}")
+    for where, count in seen.most_common():
+        print(f"  {count} x {where}")
 
 
 def main() -> None:
@@ -70,8 +99,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", choices=["none", "blocks", "blocks+heads"], default="none")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks, e.g. reduce-overhead")
     p.add_argument("--ac", choices=["none", "selective", "full"], default="none", help="activation checkpointing")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 profiled steps")
+    p.add_argument(
+        "--baseline-ema",
+        action="store_true",
+        help="the EMA update before 2026-11-26 (lerp with a device weight, read back on the host every step)",
+    )
+    p.add_argument(
+        "--baseline-patch-embed",
+        action="store_true",
+        help="the patch embedding before 2026-11-26 (a cuDNN convolution instead of a matrix product)",
+    )
+    p.add_argument("--sync-debug", action="store_true", help="list the host-device synchronisations of one step")
     p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,7 +129,18 @@ def main() -> None:
     recipe = SSLRecipe(cfg).to(device).train()
     apply_activation_checkpointing(recipe, args.ac)  # the order of train.parallel: AC, then compile
     if args.compile != "none":
-        compile_recipe(recipe, heads=args.compile == "blocks+heads")
+        compile_recipe(recipe, heads=args.compile == "blocks+heads", mode=args.compile_mode)
+    if args.baseline_ema:
+        teacher, student = list(recipe.teacher.parameters()), list(recipe.student.parameters())
+        recipe.update_teacher = lambda momentum, enabled: torch._foreach_lerp_(
+            teacher, student, enabled.float() * (1.0 - momentum)
+        )
+    if args.baseline_patch_embed:
+        PatchEmbed.forward = lambda self, x: (
+            self.proj(x).flatten(2).transpose(1, 2),
+            x.shape[-2] // self.patch_size,
+            x.shape[-1] // self.patch_size,
+        )
     optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
     apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
     batch = synthetic_batch(args.batch_size, args.global_size, args.local_size, args.n_local, 16, device)
@@ -112,6 +164,9 @@ def main() -> None:
     images = args.batch_size / seconds
     name = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}"
     name += f", compile: {args.compile}" + (f", AC: {args.ac}" if args.ac != "none" else "")
+    name += f" ({args.compile_mode})" if args.compile_mode else ""
+    name += ", EMA before 2026-11-26" if args.baseline_ema else ""
+    name += ", convolution patch embedding" if args.baseline_patch_embed else ""
     memory = mfu = ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
@@ -119,6 +174,8 @@ def main() -> None:
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), None)
         if peak and args.arch in GFLOPS_PER_IMAGE and args.global_size == 224:
             mfu = f"{images * GFLOPS_PER_IMAGE[args.arch] / 1e3 / peak:.1%}"
+    if args.sync_debug and device.type == "cuda":
+        report_syncs(step)
     if args.profile:
         profile(step, device)
     if args.table:

@@ -134,14 +134,34 @@ def test_local_cls_norm_is_used_for_local_crops_in_training_only():
 
 def test_rope_rescale_is_drawn_per_block_and_crop_group_in_training():
     model = tiny_vit(pos_embed_rope_rescale_coords=2.0).train()
+    seen = []  # the sine table each block receives, per crop group
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda _, args: seen.append([sin for sin, _ in args[1]]))
+    model.forward_features([torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32, 32)])  # grids 4x4, 2x2
+    tables = [t for per_group in seen for t in per_group]
+    assert len(tables) == 2 * len(model.blocks)
+    assert all(not torch.equal(a, b) for i, a in enumerate(tables) for b in tables[i + 1 :] if a.shape == b.shape)
+    model.eval()
+    seen.clear()
     calls = []
-    original = model.rope_embed._augment
-    model.rope_embed._augment = lambda c: calls.append(1) or original(c)
-    model.forward_features([torch.randn(1, 3, 32, 32), torch.randn(1, 3, 16, 16)])
-    assert len(calls) == 2 * len(model.blocks)
-    calls.clear()
-    model.eval().forward_features(torch.randn(1, 3, 32, 32))
+    original = model.rope_embed.draw_augmentations
+    model.rope_embed.draw_augmentations = lambda n: calls.append(n) or original(n)
+    model.forward_features(torch.randn(1, 3, 32, 32))
     assert not calls  # the teacher (eval mode) never gets the augmentation
+    assert all(torch.equal(per_group[0], seen[0][0]) for per_group in seen)
+
+
+def test_batched_rope_draws_equal_successive_single_draws():
+    model = tiny_vit(pos_embed_rope_rescale_coords=2.0, pos_embed_rope_jitter_coords=1.5).train()
+    rope = model.rope_embed
+    torch.manual_seed(3)
+    shift, scale = rope.draw_augmentations(4)
+    sin, cos = rope(4, 4, shift, scale)
+    torch.manual_seed(3)
+    singles = [rope(4, 4) for _ in range(4)]
+    assert torch.allclose(sin, torch.stack([s for s, _ in singles]), atol=1e-6)
+    assert torch.allclose(cos, torch.stack([c for _, c in singles]), atol=1e-6)
+    assert not torch.allclose(sin[0], sin[1])
 
 
 def test_masked_tokens_are_replaced_by_the_mask_token():

@@ -19,7 +19,7 @@ from opendino.data.augment import CropConfig
 from opendino.data.loader import build_ssl_loader
 from opendino.data.sources import open_source
 from opendino.models import build_model, load_model, save_model
-from opendino.recipes.ssl import SSLRecipe
+from opendino.recipes.ssl import SSLRecipe, lerp_by_tensor_
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
@@ -122,6 +122,17 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(preset, tmp_path, monke
     # The checkpoint of step 3 was written from good weights and still loads.
     state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_the_sync_free_ema_update_equals_lerp_and_is_switched_off_by_its_flag():
+    # The accelerator path of the EMA (a device flag that is never read on the host), run on CPU tensors.
+    teacher, student = [torch.randn(5, 3), torch.randn(7)], [torch.randn(5, 3), torch.randn(7)]
+    expected = [t.lerp(s, 0.01) for t, s in zip(teacher, student, strict=True)]
+    before = [t.clone() for t in teacher]
+    lerp_by_tensor_(teacher, student, torch.tensor(False).float() * 0.01)
+    assert all(torch.equal(t, b) for t, b in zip(teacher, before, strict=True))
+    lerp_by_tensor_(teacher, student, torch.tensor(True).float() * 0.01)
+    assert all(torch.allclose(t, e, atol=1e-7) for t, e in zip(teacher, expected, strict=True))
 
 
 def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(preset):

@@ -83,25 +83,52 @@ class RopePositionEmbedding(nn.Module):
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)  # [HW, 2]
         return 2.0 * coords - 1.0
 
-    def _augment(self, coords: Tensor) -> Tensor:
-        kw = {"dtype": self.dtype, "device": coords.device}
-        # One draw per call, shared by the whole batch; shift and jitter per axis, rescale shared by both.
+    def draw_augmentations(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` independent draws of the coordinate augmentation, in the order of ``n`` successive
+        single draws (the official order): ``(shift [n, 2], scale [n, 2])``, applied as
+        ``(coords + shift) * scale``. Shift and jitter are per axis, the rescale is shared by both."""
+        kw = {"dtype": self.dtype, "device": self.periods.device}
+        ranges = []  # (values per draw, log-domain, bound), in the official order
         if self.shift_coords is not None:
-            coords = coords + torch.empty(2, **kw).uniform_(-self.shift_coords, self.shift_coords)[None, :]
+            ranges.append((2, False, self.shift_coords))
         if self.jitter_coords is not None:
-            log_j = math.log(self.jitter_coords)
-            coords = coords * torch.empty(2, **kw).uniform_(-log_j, log_j).exp()[None, :]
+            ranges.append((2, True, math.log(self.jitter_coords)))
         if self.rescale_coords is not None:
-            log_r = math.log(self.rescale_coords)
-            coords = coords * torch.empty(1, **kw).uniform_(-log_r, log_r).exp()
-        return coords
+            ranges.append((1, True, math.log(self.rescale_coords)))
+        # One generator call for everything: a CPU generator then gives exactly the values of the
+        # successive calls (mapped from [0, 1) to each range when there is more than one).
+        u = torch.empty(n, sum(width for width, _, _ in ranges), **kw)
+        if len(ranges) == 1:
+            u.uniform_(-ranges[0][2], ranges[0][2])
+        else:
+            u.uniform_(0, 1)
+        shift, scale = torch.zeros(n, 2, **kw), torch.ones(n, 2, **kw)
+        column = 0
+        for width, is_log, bound in ranges:
+            values = u[:, column : column + width]
+            if len(ranges) > 1:
+                values = values * (2 * bound) - bound
+            column += width
+            if is_log:
+                scale = scale * values.exp()
+            else:
+                shift = shift + values
+        return shift, scale
 
-    def forward(self, H: int, W: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, H: int, W: int, shift: Tensor | None = None, scale: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(sin, cos)`` of the ``[HW, head_dim]`` rotation angles. In train mode with an augmentation a
+        draw is made, unless ``shift`` and ``scale`` (``[n, 2]``, from :meth:`draw_augmentations`) are
+        given: then ``n`` augmented sets ``[n, HW, head_dim]`` come at once, in a few kernels."""
         coords = self._coords(H, W)
-        if self.augments:
-            coords = self._augment(coords)
-        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [HW, 2, d/4]
-        angles = angles.flatten(1, 2).tile(2)  # [HW, d]
+        if shift is None and self.augments:
+            shift, scale = self.draw_augmentations(1)
+            coords = (coords + shift) * scale
+        elif shift is not None:
+            coords = (coords + shift[:, None, :]) * scale[:, None, :]
+        angles = 2 * math.pi * coords[..., None] / self.periods  # [..., HW, 2, d/4]
+        angles = angles.flatten(-2, -1).tile(2)  # [..., HW, d]
         return torch.sin(angles), torch.cos(angles)
 
 

@@ -30,6 +30,14 @@ from opendino.train.config import TrainConfig
 N_GLOBAL = 2
 
 
+@torch.no_grad()
+def lerp_by_tensor_(targets: list[Tensor], sources: list[Tensor], weight: Tensor) -> None:
+    """``t += weight * (s - t)`` for every pair, with ``weight`` a 0-dim tensor that is never read on the host."""
+    step = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(step, weight)
+    torch._foreach_add_(targets, step)
+
+
 class SSLModel(nn.Module):
     """A backbone with its DINO and iBOT heads (the student, or the EMA teacher).
 
@@ -193,12 +201,16 @@ class SSLRecipe(nn.Module):
     def update_teacher(self, momentum: float, enabled: Tensor | None = None) -> None:
         """EMA of the parameters (buffers are constant); one fused multi-tensor update.
 
-        ``enabled`` (a bool scalar on the device) turns the update off without a host synchronisation.
+        ``enabled`` (a bool scalar on the device) turns the update off without a host synchronisation:
+        ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with ``.item()``,
+        stalling the host every step), so there the update is ``t += w * (s - t)`` with the multi-tensor
+        ops' tensor overloads. On the CPU reading the flag costs nothing and one ``lerp`` pass is faster.
         """
-        weight = 1.0 - momentum
-        if enabled is not None:
-            weight = enabled.float() * weight
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(self.student.parameters()), weight)
+        teacher, student = list(self.teacher.parameters()), list(self.student.parameters())
+        if enabled is not None and enabled.device.type != "cpu":
+            lerp_by_tensor_(teacher, student, enabled.to(teacher[0].dtype) * (1.0 - momentum))
+        elif enabled is None or bool(enabled):
+            torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe. Under FSDP the

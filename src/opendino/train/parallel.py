@@ -48,17 +48,18 @@ def apply_activation_checkpointing(recipe: nn.Module, mode: str) -> None:
         checkpoint(block, **kwargs)
 
 
-def compile_recipe(recipe: nn.Module, heads: bool = True) -> None:
+def compile_recipe(recipe: nn.Module, heads: bool = True, mode: str | None = None) -> None:
     """Compiles every transformer block of the student and teacher backbones (one graph serves all blocks
     of a depth, so compilation time does not grow with depth) and, with ``heads``, the projection heads.
-    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes."""
+    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes.
+    ``mode``: ``torch.compile``'s mode for the blocks (e.g. ``reduce-overhead``: CUDA graphs)."""
     for model in (recipe.student, recipe.teacher):
-        _compile(model, heads)
+        _compile(model, heads, mode)
 
 
-def _compile(model: nn.Module, heads: bool = True) -> None:
+def _compile(model: nn.Module, heads: bool = True, mode: str | None = None) -> None:
     for block in getattr(model.backbone, "blocks", []):
-        block.compile()
+        block.compile(mode=mode)
     if heads:
         for head in (model.dino_head, model.ibot_head):
             head.compile(dynamic=True)
