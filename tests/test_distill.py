@@ -64,7 +64,8 @@ def _values(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(run)]
 
 
-def test_the_student_learns_from_the_frozen_teacher_with_unmasked_crops(preset, teacher_run, tmp_path, monkeypatch):
+def _spy_on_student_masks(monkeypatch) -> tuple[list, list]:
+    """The masks each student forward receives, and the calls of the EMA teacher."""
     seen_masks, ema_calls = [], []
     original = SSLRecipe.forward
 
@@ -82,6 +83,11 @@ def test_the_student_learns_from_the_frozen_teacher_with_unmasked_crops(preset, 
                 hook.remove()
 
     monkeypatch.setattr(SSLRecipe, "forward", spy)
+    return seen_masks, ema_calls
+
+
+def test_the_student_learns_from_the_frozen_teacher_with_unmasked_crops(preset, teacher_run, tmp_path, monkeypatch):
+    seen_masks, ema_calls = _spy_on_student_masks(monkeypatch)
     run = tmp_path / "student"
     assert main(["train", str(preset), f"run.dir={run}"]) == 0
     assert len(read_metrics(run)) == 8
@@ -93,6 +99,14 @@ def test_the_student_learns_from_the_frozen_teacher_with_unmasked_crops(preset, 
     assert state["model"]["teacher.backbone.cls_token"].shape[-1] == 16  # no copy of the frozen teacher
     teacher = load_distillation_teacher(teacher_run, build_student(load_train_config(preset)))
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_mask_student_masks_the_students_global_crops_at_the_ibot_positions(preset, tmp_path, monkeypatch):
+    seen_masks, _ = _spy_on_student_masks(monkeypatch)
+    assert main(["train", str(preset), f"run.dir={tmp_path / 'masked'}", "distill.mask_student=true"]) == 0
+    assert len(seen_masks) == 8 and all(m[1] is None for m in seen_masks)  # local crops are never masked
+    assert all(m[0] is not None and m[0].dtype == torch.bool for m in seen_masks)
+    assert any(m[0].any() for m in seen_masks)
 
 
 def test_prototype_counts_must_match_the_teacher_and_there_is_no_gram(preset, tmp_path):

@@ -145,7 +145,7 @@ class SSLRecipe(nn.Module):
     ) -> tuple[Tensor, dict]:
         """The total loss and its terms (tensors) for a collated batch already on the device. With
         ``teacher_logits`` (distillation) the targets come from them and the student's global crops are
-        not masked; the iBOT term still uses the sampled positions."""
+        not masked (unless ``distill.mask_student``); the iBOT term still uses the sampled positions."""
         masks = batch["collated_masks"]
         stride = self.student.backbone.feature_stride
         tokens = (batch["global"].shape[-2] // stride) * (batch["global"].shape[-1] // stride)
@@ -156,7 +156,7 @@ class SSLRecipe(nn.Module):
                 "to the teacher's patch size"
             )
         cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp, teacher_logits)
-        student_masks = None if teacher_logits is not None else masks
+        student_masks = None if teacher_logits is not None and not self.cfg.distill.mask_student else masks
         (glob, _), logits, patch_logits = self.student(
             [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )

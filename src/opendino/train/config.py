@@ -178,6 +178,9 @@ class DistillConfig:
     # Several students sharing one teacher forward pass per batch: one mapping per student with a `name`
     # and overrides of STUDENT_SECTIONS; each gets the sub-folder <run.dir>/<name>.
     students: list[dict] = dataclasses.field(default_factory=list)
+    # Not official: the student's global crops masked at the iBOT positions too (masked-image modelling
+    # against the teacher's targets), as in SSL pretraining.
+    mask_student: bool = False
 
 
 STUDENT_SECTIONS = ("model", "dino_head", "ibot_head", "optim", "schedules", "init")
