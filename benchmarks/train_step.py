@@ -99,7 +99,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", choices=["none", "blocks", "blocks+heads"], default="none")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks, e.g. reduce-overhead")
     p.add_argument("--ac", choices=["none", "selective", "full"], default="none", help="activation checkpointing")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 profiled steps")
     p.add_argument(
@@ -129,7 +128,7 @@ def main() -> None:
     recipe = SSLRecipe(cfg).to(device).train()
     apply_activation_checkpointing(recipe, args.ac)  # the order of train.parallel: AC, then compile
     if args.compile != "none":
-        compile_recipe(recipe, heads=args.compile == "blocks+heads", mode=args.compile_mode)
+        compile_recipe(recipe, heads=args.compile == "blocks+heads")
     if args.baseline_ema:
         teacher, student = list(recipe.teacher.parameters()), list(recipe.student.parameters())
         recipe.update_teacher = lambda momentum, enabled: torch._foreach_lerp_(
@@ -164,7 +163,6 @@ def main() -> None:
     images = args.batch_size / seconds
     name = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}"
     name += f", compile: {args.compile}" + (f", AC: {args.ac}" if args.ac != "none" else "")
-    name += f" ({args.compile_mode})" if args.compile_mode else ""
     name += ", EMA before 2026-11-26" if args.baseline_ema else ""
     name += ", convolution patch embedding" if args.baseline_patch_embed else ""
     memory = mfu = ""

@@ -48,18 +48,17 @@ def apply_activation_checkpointing(recipe: nn.Module, mode: str) -> None:
         checkpoint(block, **kwargs)
 
 
-def compile_recipe(recipe: nn.Module, heads: bool = True, mode: str | None = None) -> None:
+def compile_recipe(recipe: nn.Module, heads: bool = True) -> None:
     """Compiles every transformer block of the student and teacher backbones (one graph serves all blocks
     of a depth, so compilation time does not grow with depth) and, with ``heads``, the projection heads.
-    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes.
-    ``mode``: ``torch.compile``'s mode for the blocks (e.g. ``reduce-overhead``: CUDA graphs)."""
+    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes."""
     for model in (recipe.student, recipe.teacher):
-        _compile(model, heads, mode)
+        _compile(model, heads)
 
 
-def _compile(model: nn.Module, heads: bool = True, mode: str | None = None) -> None:
+def _compile(model: nn.Module, heads: bool = True) -> None:
     for block in getattr(model.backbone, "blocks", []):
-        block.compile(mode=mode)
+        block.compile()
     if heads:
         for head in (model.dino_head, model.ibot_head):
             head.compile(dynamic=True)
