@@ -1,9 +1,10 @@
 """Distillation against SSL from scratch at demo scale (CPU), and the cost of sharing the teacher.
 
-1. the teacher: `configs/demo/pretrain.yaml` (or `--teacher RUN`);
+1. the teacher: `configs/demo/pretrain.yaml` (with `--teacher-set KEY=VALUE` overrides), or `--teacher RUN`;
 2. two students distilled from it in one run (`configs/distill/demo.yaml`), and the same two
    architectures pretrained by SSL from scratch for the same number of steps;
-3. k-NN and segmentation (linear and nearest-neighbour) of all four, beside random init;
+3. k-NN and segmentation (linear and nearest-neighbour) of the teacher and all four students, beside
+   random init;
 4. time per step: the 2-student run against the two single-student runs (teacher forward shared or not).
 
     python benchmarks/distill_experiment.py --out runs/distill_experiment
@@ -38,7 +39,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/distill_experiment")
     p.add_argument("--teacher", default=None, help="an existing teacher run (default: pretrain one)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument(
+        "--teacher-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the teacher's preset, repeatable (e.g. optim.epochs=40 schedules.lr.peak=1e-3)",
+    )
+    p.add_argument("--steps", type=int, default=300, help="student steps (distilled and from scratch)")
     p.add_argument("--timing-steps", type=int, default=40)
     args = p.parse_args()
     out = Path(args.out)
@@ -46,11 +54,12 @@ def main() -> None:
 
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
     if not (teacher / "teacher.safetensors").exists():
-        Trainer(load_train_config(PRETRAIN, [f"run.dir={teacher}", "log.progress=false"])).run()
+        overrides = [f"run.dir={teacher}", "log.progress=false", *args.teacher_set]
+        Trainer(load_train_config(PRETRAIN, overrides)).run()
     distill_cfg = yaml.safe_load(DISTILL.read_text())
     students = {s["name"]: s["model"] for s in distill_cfg["distill"]["students"]}
 
-    runs = {}
+    runs = {"teacher": teacher}
     distilled = out / "distilled"
     if not all((distilled / name / "teacher.safetensors").exists() for name in students):
         cfg = load_train_config(DISTILL, [f"run.dir={distilled}", f"distill.teacher={teacher}", *steps])
