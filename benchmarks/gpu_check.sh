@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness, the full training step (ViT-S/B/L, with its host synchronisations and a
-# profile), the end-to-end trainer from a JPEG folder; optionally the data pipeline and inference against
-# timm. Prints a short table last; every section's output is kept in $OUT/all.log.
+# One device call: GPU correctness, the trainer's batches end to end from a JPEG folder, the full training
+# step (ViT-S/B, with its host synchronisations and profiles); optionally the end-to-end trainer, ViT-L, the
+# data pipeline and inference against timm. Prints a short table last; every section's output is kept in
+# $OUT/all.log.
 # Every section has its own time limit, so one slow part cannot take the others down; the default set fits
 # one 10-minute device call.
 #   bash benchmarks/gpu_check.sh                    (from the repo root on the device machine)
-#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also ViT-L b32, activation checkpointing, data, inference)
+#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also the trainer end to end, ViT-L, data, inference)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -13,7 +14,7 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 : >"$SUMMARY"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$SUMMARY"
-python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' | tee -a "$SUMMARY"
+python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "specialize_float", torch._dynamo.config.specialize_float)' | tee -a "$SUMMARY"
 section() {  # section SECONDS COMMAND... : run with a limit, keep the lines that start with "|"
     local limit=$1
     shift
@@ -44,24 +45,26 @@ for name in ("vits16plus", "vitb16", "convnext_tiny"):
     print(f"| {name} | {(fp32 - ref).abs().max().item():.1e} | {(bf16 - ref).abs().max().item():.1e} |")
 PY
 
-# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16, blocks and heads
-# compiled. The first ViT-S run also lists the step's host-device synchronisations and profiles it; the
-# baselines time the patch embedding before 2026-11-26 (a cuDNN convolution) in the same call.
+# End to end, data only (#3): JPEG folder -> 15 workers (decode + uint8 crops) -> GPU (photometric, masks),
+# the trainer's own batches without the step.
+section 150 python3 benchmarks/train_e2e.py --data-only --batch-size 64 --steps 400
+
+# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16. Each pair times the
+# compiled loss region (2026-11-27) against blocks + heads only, in the same call; the profiles (device
+# kernels and host time per operator) go to all.log.
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
-STEP="python3 benchmarks/train_step.py --device cuda --steps 20 --warmup 3 --table --compile blocks+heads"
-section 150 $STEP --arch vit_small --batch-size 64 --sync-debug --profile
-section 80 $STEP --arch vit_small --batch-size 64 --baseline-patch-embed
-section 100 $STEP --arch vit_base --batch-size 64
-section 100 $STEP --arch vit_large --batch-size 64
-section 90 $STEP --arch vit_large --batch-size 64 --baseline-patch-embed
+STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table"
+section 100 $STEP --arch vit_small --batch-size 64 --compile blocks+heads --profile
+section 110 $STEP --arch vit_small --batch-size 64 --compile blocks+heads+losses --profile --sync-debug
+section 100 $STEP --arch vit_base --batch-size 64 --compile blocks+heads
+section 110 $STEP --arch vit_base --batch-size 64 --compile blocks+heads+losses --profile
 if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
-    # End to end: JPEG folder -> workers (decode + uint8 crops) -> GPU (photometric) -> compiled step.
+    # End to end with the step: JPEG folder -> workers -> GPU (photometric) -> compiled step.
     section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile
-    section 80 $STEP --arch vit_small --batch-size 64 --baseline-ema
-    section 150 $STEP --arch vit_large --batch-size 32
-    section 150 $STEP --arch vit_large --batch-size 64 --ac selective
-    section 150 $STEP --arch vit_large --batch-size 64 --ac full
+    section 100 $STEP --arch vit_large --batch-size 64 --compile blocks+heads+losses
+    section 150 $STEP --arch vit_large --batch-size 32 --compile blocks+heads+losses
+    section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads+losses --ac selective
     section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
     section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
 fi

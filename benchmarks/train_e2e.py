@@ -3,6 +3,7 @@ crops) -> the device (batched photometric distortions) -> the (compiled) trainin
 ``opendino train`` trainer with the ImageNet fast-setup preset (2x224 + 8x96 crops, 65,536 prototypes).
 
     python benchmarks/train_e2e.py --arch vit_small --batch-size 64 --workers 15 --compile
+    python benchmarks/train_e2e.py --data-only --batch-size 64 --workers 15   # the same batches, no step
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 from multiprocessing import Pool
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from opendino.data.synthetic import render_scene
@@ -39,6 +42,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--photometric-in-worker", action="store_true", help="per-sample CPU distortions instead")
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="time the trainer's batches on the device (decoded, cropped, distorted, masks) without the step",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"
@@ -63,14 +71,35 @@ def main() -> None:
                 f"checkpoint.every={10 * args.steps}",
             ],
         )
-        Trainer(cfg).run()
-        rates = [r["images_per_s"] for r in read_metrics(cfg.run.dir) if "images_per_s" in r]
-    steady = statistics.median(rates[len(rates) // 2 :])  # the first windows include compilation
+        if args.data_only:
+            steady = data_rate(Trainer(cfg), args.batch_size, args.steps)
+        else:
+            Trainer(cfg).run()
+            rates = [r["images_per_s"] for r in read_metrics(cfg.run.dir) if "images_per_s" in r]
+            steady = statistics.median(rates[len(rates) // 2 :])  # the first windows include compilation
     where = "in workers" if args.photometric_in_worker else "on device"
+    what = "data only (no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
     print(
-        f"| end to end {args.arch} b{args.batch_size}, {args.workers} workers, photometric {where}"
+        f"| end to end {what}, {args.workers} workers, photometric {where}"
         f"{', compiled' if args.compile else ''} | | {steady:.0f} | | |"
     )
+
+
+def data_rate(trainer: Trainer, batch_size: int, steps: int) -> float:
+    """Images/s of the trainer's device batches over the second half of ``steps`` batches (after a warm-up
+    of 10): by then the workers' prefetched batches are used up, so the rate is the steady one. The device
+    is synchronised at both ends of the timed half."""
+    batches = trainer.device_batches(trainer.open_source(), start=0, patch_size=16)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
+    for _ in range(10 + steps // 2):
+        next(batches)
+    sync()
+    start = time.perf_counter()
+    timed = steps - steps // 2
+    for _ in range(timed):
+        next(batches)
+    sync()
+    return timed * batch_size / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

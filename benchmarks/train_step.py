@@ -57,6 +57,8 @@ def profile(step, device: torch.device) -> None:
     busy = sum(getattr(e, key) for e in events if e.device_type == kind) / 3 / 1e6
     print(f"profiled: wall {wall * 1e3:.1f} ms/step, device busy {busy * 1e3:.1f} ms/step")
     print(events.table(sort_by=key, row_limit=25, max_name_column_width=60))
+    if device.type == "cuda":  # where the host's time goes: the step is host-bound when busy < wall
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def report_syncs(step) -> None:
@@ -98,7 +100,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", choices=["none", "blocks", "blocks+heads"], default="none")
+    p.add_argument(
+        "--compile",
+        choices=["none", "blocks", "blocks+heads", "blocks+heads+losses"],
+        default="none",
+        help="what is compiled (train.compile=true compiles blocks, heads and, in one process, the losses)",
+    )
     p.add_argument("--ac", choices=["none", "selective", "full"], default="none", help="activation checkpointing")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 profiled steps")
     p.add_argument(
@@ -128,7 +135,7 @@ def main() -> None:
     recipe = SSLRecipe(cfg).to(device).train()
     apply_activation_checkpointing(recipe, args.ac)  # the order of train.parallel: AC, then compile
     if args.compile != "none":
-        compile_recipe(recipe, heads=args.compile == "blocks+heads")
+        compile_recipe(recipe, heads="heads" in args.compile, losses="losses" in args.compile)
     if args.baseline_ema:
         teacher, student = list(recipe.teacher.parameters()), list(recipe.student.parameters())
         recipe.update_teacher = lambda momentum, enabled: torch._foreach_lerp_(

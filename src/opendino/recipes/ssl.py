@@ -117,23 +117,11 @@ class SSLRecipe(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def teacher_targets(
-        self, batch: dict, teacher_temp: float, teacher_logits: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Sinkhorn-Knopp-centred targets from the EMA teacher, or from ``teacher_logits`` (distillation)."""
-        if teacher_logits is None:
-            _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
-        else:
-            cls, patches = teacher_logits
-        # cls: [2B, K], crop-major
-        cls_probs = sinkhorn_knopp(cls, teacher_temp, self.cfg.loss.sinkhorn_iterations).unflatten(0, (N_GLOBAL, -1))
-        patch_probs = sinkhorn_knopp(
-            patches,
-            teacher_temp,
-            self.cfg.loss.sinkhorn_iterations,
-            n_samples=batch["n_masked_patches"],
-        )
-        return cls_probs, patch_probs
+    def teacher_logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The EMA teacher's DINO logits of the 2 unmasked global crops ``[2B, K]`` (crop-major) and its
+        iBOT logits of the patch tokens that the student sees masked ``[M, K]``."""
+        _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
+        return cls, patches
 
     def forward(
         self,
@@ -155,23 +143,22 @@ class SSLRecipe(nn.Module):
                 "set crops.teacher_to_student_resolution_scale to the ratio of the student's output stride "
                 "to the teacher's patch size"
             )
-        cls_probs, patch_probs = self.teacher_targets(batch, teacher_temp, teacher_logits)
         student_masks = None if teacher_logits is not None and not self.cfg.distill.mask_student else masks
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(batch)
         (glob, _), logits, patch_logits = self.student(
             [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )
-        n_global_rows = glob["x_norm_clstoken"].shape[0]
-        global_logits = logits[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
-        local_logits = logits[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
-        temp = self.cfg.loss.student_temp
-        terms = {
-            "dino_local": dino_loss(local_logits, cls_probs, temp),
-            "dino_global": dino_loss(
-                global_logits, cls_probs, temp, ignore_diagonal=self.weights.global_ignore_diagonal
-            ),
-            "koleo": sum(self._koleo(c) for c in glob["x_norm_clstoken"].chunk(N_GLOBAL)) / N_GLOBAL,
-            "ibot": ibot_loss_masked(patch_logits, patch_probs, masks, batch["masks_weight"], temp),
-        }
+        terms = self.loss_terms(
+            *teacher_logits,
+            logits,
+            patch_logits,
+            glob["x_norm_clstoken"],
+            masks,
+            batch["masks_weight"],
+            batch["n_masked_patches"],
+            teacher_temp,
+        )
         if self.gram_teacher is not None:
             g = self.cfg.gram
             student_patches = glob["x_norm_patchtokens"]
@@ -184,11 +171,42 @@ class SSLRecipe(nn.Module):
                 remove_neg=g.remove_neg,
                 remove_only_teacher_neg=g.remove_only_teacher_neg,
             )
-        n_local = local_logits.shape[0]
+        n_local = batch["local"].shape[0] // (batch["global"].shape[0] // N_GLOBAL)  # local crops per image
         loss = total_loss(
             self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, gram_weight=gram_weight, **terms
         )
         return loss, terms
+
+    def loss_terms(
+        self,
+        teacher_cls: Tensor,
+        teacher_patches: Tensor,
+        student_cls: Tensor,
+        student_patches: Tensor,
+        global_cls_tokens: Tensor,
+        masks: Tensor,
+        masks_weight: Tensor,
+        n_masked: Tensor,
+        teacher_temp: float,
+    ) -> dict[str, Tensor]:
+        """Sinkhorn-Knopp targets from the teacher's logits, then the DINO (local and global), KoLeo and
+        iBOT terms. One function of tensors, so that ``train.compile`` can fuse the passes over the
+        ``[M, K]`` logits (softmax, cross-entropy, Sinkhorn-Knopp) into few kernels.
+        ``student_cls``: the student's DINO logits of the global then the local crops, crop-major."""
+        iterations, temp = self.cfg.loss.sinkhorn_iterations, self.cfg.loss.student_temp
+        cls_probs = sinkhorn_knopp(teacher_cls, teacher_temp, iterations).unflatten(0, (N_GLOBAL, -1))
+        patch_probs = sinkhorn_knopp(teacher_patches, teacher_temp, iterations, n_samples=n_masked)
+        n_global_rows = global_cls_tokens.shape[0]
+        global_logits = student_cls[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
+        local_logits = student_cls[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
+        return {
+            "dino_local": dino_loss(local_logits, cls_probs, temp),
+            "dino_global": dino_loss(
+                global_logits, cls_probs, temp, ignore_diagonal=self.weights.global_ignore_diagonal
+            ),
+            "koleo": sum(self._koleo(c) for c in global_cls_tokens.chunk(N_GLOBAL)) / N_GLOBAL,
+            "ibot": ibot_loss_masked(student_patches, patch_probs, masks, masks_weight, temp),
+        }
 
     def _koleo(self, cls: Tensor) -> Tensor:
         """KoLeo within this rank's crops (official), or over groups of the global batch across ranks."""

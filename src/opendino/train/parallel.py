@@ -48,12 +48,17 @@ def apply_activation_checkpointing(recipe: nn.Module, mode: str) -> None:
         checkpoint(block, **kwargs)
 
 
-def compile_recipe(recipe: nn.Module, heads: bool = True) -> None:
+def compile_recipe(recipe: nn.Module, heads: bool = True, losses: bool = True) -> None:
     """Compiles every transformer block of the student and teacher backbones (one graph serves all blocks
     of a depth, so compilation time does not grow with depth) and, with ``heads``, the projection heads.
-    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes."""
+    Heads see a varying number of rows (the masked tokens), so they are compiled with dynamic shapes.
+    ``losses``: the loss region (Sinkhorn-Knopp and the cross-entropies over the ``[M, K]`` logits, many
+    float32 passes in eager mode); its row count ``M`` becomes dynamic after the first change. Only for a
+    single process: under data parallelism the region holds the Sinkhorn-Knopp all-reduces."""
     for model in (recipe.student, recipe.teacher):
         _compile(model, heads)
+    if losses:
+        recipe.loss_terms = torch.compile(recipe.loss_terms)
 
 
 def _compile(model: nn.Module, heads: bool = True) -> None:
@@ -109,6 +114,6 @@ def parallelize(recipe: nn.Module, cfg: ParallelConfig, compile: bool, world_siz
     """Activation checkpointing -> compile -> data parallelism (only with more than one rank)."""
     apply_activation_checkpointing(recipe, cfg.activation_checkpointing)
     if compile:
-        compile_recipe(recipe)
+        compile_recipe(recipe, losses=world_size == 1)
     if world_size > 1:
         apply_data_parallel(recipe, cfg, device)

@@ -15,6 +15,7 @@ and the same teacher forward pass.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from opendino.config import to_dict
 from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.loader import build_ssl_loader
-from opendino.data.sources import open_source
+from opendino.data.sources import ImageSource, open_source
 from opendino.models import load_model, save_model
 from opendino.recipes.distill import distillation_teacher_logits, load_distillation_teacher
 from opendino.recipes.ssl import SSLRecipe
@@ -313,13 +314,46 @@ class Trainer:
             Member(cfg_i, self.run_dir / name, self.env, self.device) for name, cfg_i in student_configs(cfg).items()
         ]
 
+    def open_source(self) -> ImageSource:
+        """The configured image source, checked to hold at least one readable image."""
+        data = self.cfg.data
+        if data.source == "synthetic" or data.path is None:
+            source = open_source(source="synthetic", n=data.synthetic_n, size=data.synthetic_size)
+        else:
+            source = open_source(data.path, data.source)
+        source.check_readable()
+        return source
+
+    def device_batches(self, source: ImageSource, start: int, patch_size: int) -> Iterator[dict]:
+        """The batches of steps ``start``, ``start + 1``, ... on the device, photometric distortions applied:
+        workers decode and crop (uint8), the device distorts whole batches (``data.photometric_on_device``).
+        ``patch_size``: of the network whose token grid the masks follow."""
+        cfg = self.cfg
+        crop_sets, crop_odds = self._crop_sets()
+        multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
+        loader = build_ssl_loader(
+            source,
+            crop_sets,
+            crop_set_probs=crop_odds,
+            batch_size=cfg.train.batch_size,
+            patch_size=patch_size,
+            teacher_to_student_resolution_scale=cfg.crops.teacher_to_student_resolution_scale,
+            seed=cfg.train.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            start_step=start,
+            num_workers=cfg.data.num_workers,
+            photometric_in_worker=not cfg.data.photometric_on_device,
+            mask_ratio=tuple(cfg.loss.mask_ratio),
+            mask_probability=cfg.loss.mask_probability,
+        )
+        for batch in loader:
+            batch = _to_device(batch, self.device)
+            yield multicrop.photometric_collated(batch) if cfg.data.photometric_on_device else batch
+
     def run(self) -> Path:
         cfg, device, env = self.cfg, self.device, self.env
-        if cfg.data.source == "synthetic" or cfg.data.path is None:
-            source = open_source(source="synthetic", n=cfg.data.synthetic_n, size=cfg.data.synthetic_size)
-        else:
-            source = open_source(cfg.data.path, cfg.data.source)
-        source.check_readable()
+        source = self.open_source()
 
         if cfg.distill.teacher and cfg.gram.enabled:
             raise ValueError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
@@ -334,27 +368,9 @@ class Trainer:
             teacher = load_distillation_teacher(cfg.distill.teacher, *(m.recipe.student for m in members))
             teacher.to(device)
             parallelize_frozen(teacher, cfg.parallel, cfg.train.compile, env.world_size)
-        crop_sets, crop_odds = self._crop_sets()
-        multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
         # The mask grid is the teacher's token grid on its (possibly downscaled) crops.
         patch_owner = teacher if teacher is not None else members[0].recipe.student
-        loader = build_ssl_loader(
-            source,
-            crop_sets,
-            crop_set_probs=crop_odds,
-            batch_size=cfg.train.batch_size,
-            patch_size=getattr(patch_owner.backbone, "patch_size", 16),
-            teacher_to_student_resolution_scale=cfg.crops.teacher_to_student_resolution_scale,
-            seed=cfg.train.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            start_step=start,
-            num_workers=cfg.data.num_workers,
-            photometric_in_worker=not cfg.data.photometric_on_device,
-            mask_ratio=tuple(cfg.loss.mask_ratio),
-            mask_probability=cfg.loss.mask_probability,
-        )
-        batches = iter(loader)
+        batches = self.device_batches(source, start, getattr(patch_owner.backbone, "patch_size", 16))
         monitor = None
         if cfg.monitor.every:
             if cfg.monitor.every % cfg.log.every:
@@ -369,9 +385,7 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         try:
             for step in range(start, total):
-                batch = _to_device(next(batches), device)
-                if cfg.data.photometric_on_device:
-                    batch = multicrop.photometric_collated(batch)
+                batch = next(batches)
                 teacher_logits = None
                 if teacher is not None:
                     teacher_logits = distillation_teacher_logits(
