@@ -18,7 +18,7 @@ python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchv
 section() {  # section SECONDS COMMAND... : run with a limit, keep the lines that start with "|"
     local limit=$1
     shift
-    echo "== $*"
+    echo "== $* ($(date +%T))"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/section.log"
     local rc=${PIPESTATUS[0]}
     cat "$OUT/section.log" >>"$OUT/all.log"
@@ -45,26 +45,31 @@ for name in ("vits16plus", "vitb16", "convnext_tiny"):
     print(f"| {name} | {(fp32 - ref).abs().max().item():.1e} | {(bf16 - ref).abs().max().item():.1e} |")
 PY
 
-# End to end, data only (#3): JPEG folder -> 15 workers (decode + uint8 crops) -> GPU (photometric, masks),
-# the trainer's own batches without the step.
-section 150 python3 benchmarks/train_e2e.py --data-only --batch-size 64 --steps 400
+# End to end, data only (#3): JPEG folder -> 15 workers (decode + uint8 crops + masks) -> GPU (photometric),
+# the trainer's own batches without the step; and the loader alone (workers' output on the host).
+lscpu | grep -E "^(Thread|Core|Socket|Model name)" | tr -s ' ' | sed 's/^/| cpu: /; s/$/ |/' | tee -a "$SUMMARY"
+E2E="python3 benchmarks/train_e2e.py --batch-size 64 --steps 400"
+section 120 $E2E --data-only device
+section 100 $E2E --data-only loader
+section 100 $E2E --data-only device --workers 24
 
-# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16. Each pair times the
-# compiled loss region (2026-11-27) against blocks + heads only, in the same call; the profiles (device
-# kernels and host time per operator) go to all.log.
+# The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16, blocks, heads and
+# losses compiled. Each pair times the current code against a baseline in the same call (2026-11-27: the
+# stochastic-depth subsets drawn at once instead of one randperm per block, branch and crop group); the
+# profiles (device kernels and host time per operator) go to all.log.
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
-STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table"
-section 100 $STEP --arch vit_small --batch-size 64 --compile blocks+heads --profile
-section 110 $STEP --arch vit_small --batch-size 64 --compile blocks+heads+losses --profile --sync-debug
-section 100 $STEP --arch vit_base --batch-size 64 --compile blocks+heads
-section 110 $STEP --arch vit_base --batch-size 64 --compile blocks+heads+losses --profile
+STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table --compile blocks+heads+losses"
+section 100 $STEP --arch vit_small --batch-size 64 --profile --sync-debug
+section 100 $STEP --arch vit_small --batch-size 64 --baseline-drop-path
+section 100 $STEP --arch vit_base --batch-size 64 --profile
+section 100 $STEP --arch vit_base --batch-size 64 --baseline-drop-path
 if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
     # End to end with the step: JPEG folder -> workers -> GPU (photometric) -> compiled step.
     section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile
-    section 100 $STEP --arch vit_large --batch-size 64 --compile blocks+heads+losses
-    section 150 $STEP --arch vit_large --batch-size 32 --compile blocks+heads+losses
-    section 150 $STEP --arch vit_large --batch-size 64 --compile blocks+heads+losses --ac selective
+    section 100 $STEP --arch vit_large --batch-size 64
+    section 150 $STEP --arch vit_large --batch-size 32
+    section 150 $STEP --arch vit_large --batch-size 64 --ac selective
     section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
     section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
 fi

@@ -3,7 +3,7 @@ crops) -> the device (batched photometric distortions) -> the (compiled) trainin
 ``opendino train`` trainer with the ImageNet fast-setup preset (2x224 + 8x96 crops, 65,536 prototypes).
 
     python benchmarks/train_e2e.py --arch vit_small --batch-size 64 --workers 15 --compile
-    python benchmarks/train_e2e.py --data-only --batch-size 64 --workers 15   # the same batches, no step
+    python benchmarks/train_e2e.py --data-only device --batch-size 64 --workers 15   # its batches, no step
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def main() -> None:
     p.add_argument("--photometric-in-worker", action="store_true", help="per-sample CPU distortions instead")
     p.add_argument(
         "--data-only",
-        action="store_true",
-        help="time the trainer's batches on the device (decoded, cropped, distorted, masks) without the step",
+        choices=["loader", "device"],
+        help="time the trainer's batches without the step: as the loader gives them (decoded, cropped, "
+        "collated with masks, on the host), or on the device with the photometric stage applied",
     )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,24 +73,28 @@ def main() -> None:
             ],
         )
         if args.data_only:
-            steady = data_rate(Trainer(cfg), args.batch_size, args.steps)
+            steady = data_rate(Trainer(cfg), args.batch_size, args.steps, on_device=args.data_only == "device")
         else:
             Trainer(cfg).run()
             rates = [r["images_per_s"] for r in read_metrics(cfg.run.dir) if "images_per_s" in r]
             steady = statistics.median(rates[len(rates) // 2 :])  # the first windows include compilation
     where = "in workers" if args.photometric_in_worker else "on device"
-    what = "data only (no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
+    what = f"data only ({args.data_only}, no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
     print(
         f"| end to end {what}, {args.workers} workers, photometric {where}"
         f"{', compiled' if args.compile else ''} | | {steady:.0f} | | |"
     )
 
 
-def data_rate(trainer: Trainer, batch_size: int, steps: int) -> float:
+def data_rate(trainer: Trainer, batch_size: int, steps: int, on_device: bool) -> float:
     """Images/s of the trainer's device batches over the second half of ``steps`` batches (after a warm-up
     of 10): by then the workers' prefetched batches are used up, so the rate is the steady one. The device
     is synchronised at both ends of the timed half."""
-    batches = trainer.device_batches(trainer.open_source(), start=0, patch_size=16)
+    source = trainer.open_source()
+    if on_device:
+        batches = trainer.device_batches(source, start=0, patch_size=16)
+    else:
+        batches = iter(trainer.loader(source, start=0, patch_size=16))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
     for _ in range(10 + steps // 2):
         next(batches)

@@ -15,6 +15,7 @@ import torch
 
 from opendino.data.collate import collate_masks
 from opendino.data.masking import BlockMaskGenerator
+from opendino.models import vit
 from opendino.models.vit import PatchEmbed
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
@@ -118,6 +119,11 @@ def main() -> None:
         action="store_true",
         help="the patch embedding before 2026-11-26 (a cuDNN convolution instead of a matrix product)",
     )
+    p.add_argument(
+        "--baseline-drop-path",
+        action="store_true",
+        help="stochastic-depth subsets as before 2026-11-27 (one randperm per block, branch and crop group)",
+    )
     p.add_argument("--sync-debug", action="store_true", help="list the host-device synchronisations of one step")
     p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
@@ -147,6 +153,10 @@ def main() -> None:
             x.shape[-2] // self.patch_size,
             x.shape[-1] // self.patch_size,
         )
+    if args.baseline_drop_path:
+        vit.drop_path_subsets = lambda sizes, rate, n, device: [
+            [torch.randperm(b, device=device)[: max(int(b * (1 - rate)), 1)] for b in sizes] for _ in range(n)
+        ]
     optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
     apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
     batch = synthetic_batch(args.batch_size, args.global_size, args.local_size, args.n_local, 16, device)
@@ -172,6 +182,7 @@ def main() -> None:
     name += f", compile: {args.compile}" + (f", AC: {args.ac}" if args.ac != "none" else "")
     name += ", EMA before 2026-11-26" if args.baseline_ema else ""
     name += ", convolution patch embedding" if args.baseline_patch_embed else ""
+    name += ", randperm per drop-path draw" if args.baseline_drop_path else ""
     memory = mfu = ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"

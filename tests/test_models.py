@@ -9,7 +9,7 @@ import torch
 
 from opendino.models import MODELS, ConvNeXt, DinoVisionTransformer, build_model, get_spec
 from opendino.models.registry import UnknownModelError
-from opendino.models.vit import swiglu_hidden_dim
+from opendino.models.vit import drop_path_subsets, swiglu_hidden_dim
 
 # Parameter counts computed analytically from the official module definitions (recipe.md §1.9, §1.11).
 OFFICIAL_PARAMS = {
@@ -182,10 +182,34 @@ def test_stochastic_depth_uses_a_batch_subset_and_rescales():
     block = model.blocks[0]
     x = torch.randn(8, 5, 64)
     seen = []
-    out = block._residual([x], lambda xs: seen.append(xs[0].shape[0]) or [torch.ones_like(xs[0])])
+    subsets = drop_path_subsets([8], 0.5, 1, x.device)[0]
+    out = block._residual([x], lambda xs: seen.append(xs[0].shape[0]) or [torch.ones_like(xs[0])], subsets)
     assert seen == [4]  # max(int(8 * (1 - 0.5)), 1) samples get the branch
     changed = (out[0] - x).abs().amax(dim=(1, 2))
     assert sorted(changed.tolist()) == pytest.approx([0.0] * 4 + [2.0] * 4)  # scaled by 8 / 4
+
+
+def test_drop_path_subsets_are_uniform_distinct_rows_drawn_per_branch_and_group():
+    torch.manual_seed(0)
+    draws = drop_path_subsets([10, 40], 0.3, 2000, torch.device("cpu"))
+    assert len(draws) == 2000 and all(len(d) == 2 for d in draws)
+    assert {len(d[0]) for d in draws} == {7} and {len(d[1]) for d in draws} == {28}  # int(B * 0.7)
+    assert all(len(set(d[1].tolist())) == 28 for d in draws)  # distinct rows
+    assert len({tuple(d[0].tolist()) for d in draws}) > 1900  # a fresh draw for every branch
+    # every row is kept with probability 0.7, for every position of the batch
+    counts = torch.bincount(torch.cat([d[0] for d in draws]), minlength=10) / 2000
+    assert torch.allclose(counts, torch.full((10,), 0.7), atol=0.04)
+
+
+def test_training_forward_applies_stochastic_depth_and_eval_does_not():
+    model = tiny_vit(drop_path_rate=0.5, layerscale_init=1.0)  # no RoPE augmentation: only drop path draws
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    a, b = (model.forward_features(x)["x_norm_clstoken"] for _ in range(2))
+    assert not torch.allclose(a, b)  # different subsets skip the branches
+    model.eval()
+    c, d = (model.forward_features(x)["x_norm_clstoken"] for _ in range(2))
+    assert torch.equal(c, d)
 
 
 def test_rmsnorm_and_min_max_periods_build_and_run():

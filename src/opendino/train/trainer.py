@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from opendino.config import to_dict
@@ -324,14 +325,13 @@ class Trainer:
         source.check_readable()
         return source
 
-    def device_batches(self, source: ImageSource, start: int, patch_size: int) -> Iterator[dict]:
-        """The batches of steps ``start``, ``start + 1``, ... on the device, photometric distortions applied:
-        workers decode and crop (uint8), the device distorts whole batches (``data.photometric_on_device``).
-        ``patch_size``: of the network whose token grid the masks follow."""
+    def loader(self, source: ImageSource, start: int, patch_size: int) -> DataLoader:
+        """The data loader of steps ``start``, ``start + 1``, ...: workers decode, crop (uint8) and collate
+        with the iBOT masks, and distort too unless ``data.photometric_on_device``. ``patch_size``: of the
+        network whose token grid the masks follow."""
         cfg = self.cfg
         crop_sets, crop_odds = self._crop_sets()
-        multicrop = MultiCrop(crop_sets[0])  # the photometric stage does not depend on the crop sizes
-        loader = build_ssl_loader(
+        return build_ssl_loader(
             source,
             crop_sets,
             crop_set_probs=crop_odds,
@@ -347,9 +347,14 @@ class Trainer:
             mask_ratio=tuple(cfg.loss.mask_ratio),
             mask_probability=cfg.loss.mask_probability,
         )
-        for batch in loader:
+
+    def device_batches(self, source: ImageSource, start: int, patch_size: int) -> Iterator[dict]:
+        """The loader's batches on the device, with the photometric distortions applied to whole batches
+        there when ``data.photometric_on_device``."""
+        multicrop = MultiCrop(self._crop_sets()[0][0])  # the photometric stage does not depend on crop sizes
+        for batch in self.loader(source, start, patch_size):
             batch = _to_device(batch, self.device)
-            yield multicrop.photometric_collated(batch) if cfg.data.photometric_on_device else batch
+            yield multicrop.photometric_collated(batch) if self.cfg.data.photometric_on_device else batch
 
     def run(self) -> Path:
         cfg, device, env = self.cfg, self.device, self.env
