@@ -106,7 +106,7 @@ class TrainLoopConfig:
     steps: int | None = None  # run length; default: optim.epochs * epoch_length
     seed: int = 0  # weights, data order, crops and masks all follow from it
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile every block and head
+    compile: bool = False  # torch.compile every block, head and (in one process) the loss region
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
 
 
