@@ -88,7 +88,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_metrics(preset, tmp_path):
     Trainer(load_train_config(preset, [f"run.dir={reference}"])).run()
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    # the same thread count as this process (float sums depend on it), whatever OMP_NUM_THREADS the shell has
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_metrics(run)) < 7:  # past the first checkpoint (step 3)
         time.sleep(0.05)
