@@ -87,9 +87,9 @@ def main() -> None:
 
 
 def data_rate(trainer: Trainer, batch_size: int, steps: int, on_device: bool) -> float:
-    """Images/s of the trainer's device batches over the second half of ``steps`` batches (after a warm-up
-    of 10): by then the workers' prefetched batches are used up, so the rate is the steady one. The device
-    is synchronised at both ends of the timed half."""
+    """Images/s of the trainer's batches (on the device with ``on_device``, else as the loader gives them)
+    over the second half of ``steps`` batches after a warm-up of 10: by then the workers' prefetched batches
+    are used up, so the rate is the steady one. The device is synchronised at both ends of the timed half."""
     source = trainer.open_source()
     if on_device:
         batches = trainer.device_batches(source, start=0, patch_size=16)

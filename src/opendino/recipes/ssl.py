@@ -117,7 +117,7 @@ class SSLRecipe(nn.Module):
         return tokens
 
     @torch.no_grad()
-    def teacher_logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+    def ema_teacher_logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         """The EMA teacher's DINO logits of the 2 unmasked global crops ``[2B, K]`` (crop-major) and its
         iBOT logits of the patch tokens that the student sees masked ``[M, K]``."""
         _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
@@ -145,7 +145,7 @@ class SSLRecipe(nn.Module):
             )
         student_masks = None if teacher_logits is not None and not self.cfg.distill.mask_student else masks
         if teacher_logits is None:
-            teacher_logits = self.teacher_logits(batch)
+            teacher_logits = self.ema_teacher_logits(batch)
         (glob, _), logits, patch_logits = self.student(
             [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )
