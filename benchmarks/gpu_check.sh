@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness, the trainer's batches end to end from a JPEG folder, the full training
-# step (ViT-S/B, with its host synchronisations and profiles); optionally the end-to-end trainer, ViT-L, the
-# data pipeline and inference against timm. Prints a short table last; every section's output is kept in
+# One device call: GPU correctness, the trainer's batches end to end from a JPEG folder (crops cut in the
+# workers or on the GPU), the full training step (ViT-S/B, with its host synchronisations and profiles) and
+# ViT-S end to end; optionally the end-to-end trainer with crops cut in the workers, ViT-L, the data
+# pipeline and inference against timm. Prints a short table last; every section's output is kept in
 # $OUT/all.log.
 # Every section has its own time limit, so one slow part cannot take the others down; the default set fits
 # one 10-minute device call.
 #   bash benchmarks/gpu_check.sh                    (from the repo root on the device machine)
-#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also the trainer end to end, ViT-L, data, inference)
+#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also ViT-L, data, inference)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -45,27 +46,26 @@ for name in ("vits16plus", "vitb16", "convnext_tiny"):
     print(f"| {name} | {(fp32 - ref).abs().max().item():.1e} | {(bf16 - ref).abs().max().item():.1e} |")
 PY
 
-# End to end, data only (#3): JPEG folder -> 15 workers (decode + uint8 crops + masks) -> GPU (photometric),
-# the trainer's own batches without the step; and the loader alone (workers' output on the host).
+# End to end, data only (#3): JPEG folder -> 15 workers -> GPU, the trainer's own batches without the step.
+# Baseline: workers decode + cut uint8 crops + masks, the GPU distorts; against: workers only decode and draw
+# crop boxes, the GPU cuts the crops too (data.crops_on_device); and that loader alone (the workers' rate).
 lscpu | grep -E "^(Thread|Core|Socket|Model name)" | tr -s ' ' | sed 's/^/| cpu: /; s/$/ |/' | tee -a "$SUMMARY"
 E2E="python3 benchmarks/train_e2e.py --batch-size 64 --steps 400"
 section 120 $E2E --data-only device
-section 100 $E2E --data-only loader
-section 100 $E2E --data-only device --workers 24
+section 120 $E2E --data-only device --crops-on-device
+section 100 $E2E --data-only loader --crops-on-device
 
 # The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16, blocks, heads and
-# losses compiled. Each pair times the current code against a baseline in the same call (2026-11-27: the
-# stochastic-depth subsets drawn at once instead of one randperm per block, branch and crop group); the
-# profiles (device kernels and host time per operator) go to all.log.
+# losses compiled; the profiles (device kernels and host time per operator) go to all.log.
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
 STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table --compile blocks+heads+losses"
 section 100 $STEP --arch vit_small --batch-size 64 --profile --sync-debug
-section 100 $STEP --arch vit_small --batch-size 64 --baseline-drop-path
 section 100 $STEP --arch vit_base --batch-size 64 --profile
-section 100 $STEP --arch vit_base --batch-size 64 --baseline-drop-path
+# End to end with the step: JPEG folder -> workers (decode) -> GPU (crops, photometric) -> compiled step.
+section 150 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile --crops-on-device
 if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
-    # End to end with the step: JPEG folder -> workers -> GPU (photometric) -> compiled step.
+    # End to end with the step, crops cut in the workers.
     section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile
     section 100 $STEP --arch vit_large --batch-size 64
     section 150 $STEP --arch vit_large --batch-size 32

@@ -1,9 +1,11 @@
 """End-to-end training throughput: a folder of ~500x375 JPEGs -> data-loader workers (decode + uint8
-crops) -> the device (batched photometric distortions) -> the (compiled) training step, through the real
-``opendino train`` trainer with the ImageNet fast-setup preset (2x224 + 8x96 crops, 65,536 prototypes).
+crops, or with --crops-on-device decode only) -> the device (batched photometric distortions, and the
+crops) -> the (compiled) training step, through the real ``opendino train`` trainer with the ImageNet
+fast-setup preset (2x224 + 8x96 crops, 65,536 prototypes).
 
     python benchmarks/train_e2e.py --arch vit_small --batch-size 64 --workers 15 --compile
     python benchmarks/train_e2e.py --data-only device --batch-size 64 --workers 15   # its batches, no step
+    python benchmarks/train_e2e.py --data-only device --crops-on-device --workers 15
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--photometric-in-worker", action="store_true", help="per-sample CPU distortions instead")
     p.add_argument(
+        "--crops-on-device",
+        action="store_true",
+        help="workers only decode and draw crop boxes; the crops are cut batched on the device",
+    )
+    p.add_argument(
         "--data-only",
         choices=["loader", "device"],
         help="time the trainer's batches without the step: as the loader gives them (decoded, cropped, "
@@ -62,6 +69,7 @@ def main() -> None:
                 f"data.path={folder}",
                 f"data.num_workers={args.workers}",
                 f"data.photometric_on_device={not args.photometric_in_worker}",
+                f"data.crops_on_device={args.crops_on_device}",
                 f"model.arch={args.arch}",
                 f"train.batch_size={args.batch_size}",
                 f"train.steps={args.steps}",
@@ -78,10 +86,12 @@ def main() -> None:
             Trainer(cfg).run()
             rates = [r["images_per_s"] for r in read_metrics(cfg.run.dir) if "images_per_s" in r]
             steady = statistics.median(rates[len(rates) // 2 :])  # the first windows include compilation
-    where = "in workers" if args.photometric_in_worker else "on device"
+    where = "photometric in workers" if args.photometric_in_worker else "photometric on device"
+    if args.crops_on_device:
+        where = "crops and photometric on device"
     what = f"data only ({args.data_only}, no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
     print(
-        f"| end to end {what}, {args.workers} workers, photometric {where}"
+        f"| end to end {what}, {args.workers} workers, {where}"
         f"{', compiled' if args.compile else ''} | | {steady:.0f} | | |"
     )
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from opendino.data.augment import (
     GLOBAL_1,
@@ -21,9 +23,10 @@ from opendino.data.augment import (
     _distort_masked,
     _rrc_params,
     photometric,
+    resized_crops,
     sample_photometric_params,
 )
-from opendino.data.loader import MultiCropDataset, SampleRef, StepBatchSampler, build_ssl_loader
+from opendino.data.loader import MultiCropDataset, SampleRef, StepBatchSampler, build_ssl_loader, pad_stack
 from opendino.data.sources import (
     FolderSource,
     ListSource,
@@ -211,11 +214,10 @@ def test_the_accelerator_path_distorts_exactly_like_the_per_crop_path(policy):
 
 
 def test_random_resized_crop_scales_and_flips():
-    img = torch.zeros(3, 300, 400, dtype=torch.uint8)
     rng = random.Random(0)
     fractions = []
     for _ in range(2000):
-        top, left, h, w = _rrc_params(img, (0.05, 0.32), rng)
+        top, left, h, w = _rrc_params(300, 400, (0.05, 0.32), rng)
         assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
         fractions.append(h * w / (300 * 400))
     assert 0.045 <= min(fractions) and max(fractions) <= 0.33 and np.mean(fractions) == pytest.approx(0.185, abs=0.02)
@@ -249,3 +251,68 @@ def test_batched_photometric_on_collated_uint8_crops():
     # Gram crops are only normalised: undo the normalisation and get the uint8 crops back.
     mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
     assert torch.allclose((out["gram"] * std + mean) * 255, batch["gram"].float(), atol=1e-3)
+
+
+def _smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
+    """uint8 images with structure at several scales (noise alone hides resampling errors)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in sizes:
+        coarse = torch.rand(1, 3, h // 4 + 1, w // 4 + 1, generator=g) * 255
+        fine = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic").clamp(0, 255)
+        out.append((fine[0] + 20 * torch.rand(3, h, w, generator=g)).clamp(0, 255).round().to(torch.uint8))
+    return out
+
+
+@pytest.mark.parametrize("box", [(0, 0, 50, 70, 0), (5, 9, 31, 40, 1), (10, 3, 12, 9, 0), (0, 0, 7, 5, 1)])
+def test_batched_resized_crops_are_torchvisions_float_resized_crop(box):
+    """Downscale, upscale, flipped or not: two matrix products equal torchvision's antialiased bicubic."""
+    img = _smooth_images([(50, 70)])[0].float()
+    expected = TF.resized_crop(img, *box[:4], [24, 24], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    if box[4]:
+        expected = TF.horizontal_flip(expected)
+    padded = torch.nn.functional.pad(img, (0, 13, 0, 6))[None]  # padding must not leak into the crop
+    out = resized_crops(padded, torch.tensor([[box]]), 24)[0, 0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("gram_size", [None, 48])
+def test_crops_cut_on_the_device_are_the_workers_crops(gram_size):
+    cfg = CropConfig(global_size=32, local_size=16, n_local=3, gram_size=gram_size)
+    multicrop = MultiCrop(cfg)
+    images = _smooth_images([(60, 90), (120, 80), (45, 45)])
+    seeds = [torch.Generator().manual_seed(s) for s in range(3)]
+    per_image = [multicrop.geometric(img, g) for img, g in zip(images, seeds, strict=True)]
+    boxes = torch.stack(
+        [multicrop.crop_boxes(*i.shape[-2:], torch.Generator().manual_seed(s)) for s, i in enumerate(images)]
+    )
+    assert boxes[..., 4].any() and not boxes[..., 4].all()  # both flipped and unflipped crops
+    out = multicrop.geometric_collated({"images": pad_stack(images), "boxes": boxes, "labels": torch.arange(3)})
+    assert torch.equal(out["labels"], torch.arange(3)) and "images" not in out
+    for key in per_image[0]:
+        expected = torch.stack([p[key] for p in per_image], 1).flatten(0, 1)  # crop-major
+        assert out[key].dtype == torch.uint8 and out[key].shape == expected.shape
+        diff = (out[key].int() - expected.int()).abs()
+        # Float weights here; the CPU's two-pass uint8 kernel rounds and clamps between its passes (a few
+        # levels off near black and white, where the bicubic kernel overshoots).
+        assert (diff <= 1).float().mean() > 0.99 and diff.max() <= 8, key
+
+
+def test_loader_with_crops_on_the_device_gives_the_same_batches():
+    src = SyntheticSource(n=20, size=64)
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2, gram_size=48)
+    kwargs = dict(batch_size=3, seed=2, photometric_in_worker=False)
+    cut = next(iter(build_ssl_loader(src, [cfg], **kwargs)))
+    whole = next(iter(build_ssl_loader(src, [cfg], crops_on_device=True, max_image_side=40, **kwargs)))
+    assert whole["images"].shape == (3, 3, 40, 40) and whole["crop_set"] == 0  # reduced to max_image_side
+    for key in ("collated_masks", "mask_indices_list", "labels"):
+        assert torch.equal(whole[key], cut[key])
+    out = MultiCrop(cfg).geometric_collated(whole)
+    for key in ("global", "local", "gram"):
+        assert out[key].shape == cut[key].shape
+    full = next(iter(build_ssl_loader(src, [cfg], crops_on_device=True, **kwargs)))
+    assert full["images"].shape == (3, 3, 64, 64)
+    same = MultiCrop(cfg).geometric_collated(full)
+    assert all(((same[k].int() - cut[k].int()).abs() <= 1).float().mean() > 0.99 for k in ("global", "local", "gram"))
+    with pytest.raises(ValueError, match="photometric_on_device"):
+        build_ssl_loader(src, [cfg], batch_size=3, crops_on_device=True)

@@ -63,20 +63,25 @@ class CropConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def _resized_crop(img: Tensor, size: int, scale: Sequence[float], flip: bool, rng: random.Random) -> Tensor:
-    top, left, h, w = _rrc_params(img, scale, rng)
+CropBox = tuple[int, int, int, int, bool]  # top, left, height, width, flipped
+
+
+def _crop_box(height: int, width: int, scale: Sequence[float], flips: bool, rng: random.Random) -> CropBox:
+    top, left, h, w = _rrc_params(height, width, scale, rng)
+    return top, left, h, w, flips and rng.random() < 0.5
+
+
+def _apply_box(img: Tensor, box: Sequence[int], size: int) -> Tensor:
+    top, left, h, w, flipped = (int(v) for v in box)
     out = TF.resized_crop(
         img, top, left, h, w, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True
     )
-    if flip and rng.random() < 0.5:
-        out = TF.horizontal_flip(out)
-    return out
+    return TF.horizontal_flip(out) if flipped else out
 
 
-def _rrc_params(img: Tensor, scale: Sequence[float], rng: random.Random) -> tuple[int, int, int, int]:
+def _rrc_params(height: int, width: int, scale: Sequence[float], rng: random.Random) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop rule (10 tries, then a central crop), written out because its
     ``get_params`` draws from torch's global generator and per-sample streams must be reproducible."""
-    height, width = img.shape[-2:]
     area = height * width
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
@@ -99,20 +104,51 @@ class MultiCrop:
     def __init__(self, config: CropConfig | None = None) -> None:
         self.config = config or CropConfig()
 
-    def geometric(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """uint8 ``[3, H, W]`` -> uint8 ``global [2, 3, S, S]``, ``local [n, 3, s, s]`` (+ ``gram``)."""
+    def crop_boxes(self, height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+        """The crops of one ``height x width`` image, int64 ``[2 + n_local, 5]`` rows ``(top, left, height,
+        width, flipped)``: the two global (base) crops, then the local ones."""
         c = self.config
         # Crop parameters are cheap scalars: one Python stream per image, seeded from the torch generator.
         rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
-        base_size = max(c.global_size, c.gram_size or 0)
-        bases = [_resized_crop(img, base_size, c.global_scale, c.horizontal_flips, rng) for _ in range(2)]
-        out = {"global": torch.stack([_resize(b, c.global_size) for b in bases])}
-        if c.gram_size:
-            out["gram"] = torch.stack([_resize(b, c.gram_size) for b in bases])
-        out["local"] = torch.stack(
-            [_resized_crop(img, c.local_size, c.local_scale, c.horizontal_flips, rng) for _ in range(c.n_local)]
-        )
+        boxes = [_crop_box(height, width, c.global_scale, c.horizontal_flips, rng) for _ in range(2)]
+        boxes += [_crop_box(height, width, c.local_scale, c.horizontal_flips, rng) for _ in range(c.n_local)]
+        return torch.tensor(boxes, dtype=torch.int64)
+
+    def geometric(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """uint8 ``[3, H, W]`` -> uint8 ``global [2, 3, S, S]``, ``local [n, 3, s, s]`` (+ ``gram``)."""
+        c = self.config
+        boxes = self.crop_boxes(*img.shape[-2:], generator)
+        bases = torch.stack([_apply_box(img, box, self.base_size) for box in boxes[:2]])
+        out = self._from_bases(bases)
+        out["local"] = torch.stack([_apply_box(img, box, c.local_size) for box in boxes[2:]])
         return out
+
+    @property
+    def base_size(self) -> int:
+        """The size the global crops are cut at: the Gram-teacher size when there is one (the global crops
+        are then resized from those, so that both show the same pixels)."""
+        return max(self.config.global_size, self.config.gram_size or 0)
+
+    def _from_bases(self, bases: Tensor) -> dict[str, Tensor]:
+        c = self.config
+        shape = bases.shape[:-3]
+        out = {"global": _resize(bases.flatten(0, -4), c.global_size).unflatten(0, shape)}
+        if c.gram_size:
+            out["gram"] = bases if c.gram_size == self.base_size else _resize(bases, c.gram_size)
+        return out
+
+    def geometric_collated(self, batch: dict) -> dict:
+        """The crops of ``geometric`` for a whole batch on its device: ``images`` (uint8 ``[B, 3, H, W]``,
+        zero-padded) and their ``boxes`` (``[B, 2 + n_local, 5]``) become the crop-major uint8 ``global``,
+        ``local`` (and ``gram``) of the collated worker path. The same crops to within one grey level: float
+        weights here, the CPU's fixed-point kernel there."""
+        c = self.config
+        batch = dict(batch)
+        images, boxes = batch.pop("images").float(), batch.pop("boxes")
+        bases = _to_uint8(resized_crops(images, boxes[:, :2], self.base_size))  # [B, 2, 3, S, S]
+        local = _to_uint8(resized_crops(images, boxes[:, 2:], c.local_size))
+        out = {**self._from_bases(bases), "local": local}
+        return {**batch, **{k: v.transpose(0, 1).flatten(0, 1) for k, v in out.items()}}
 
     def photometric(self, crops: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Distorts and normalises uint8 crops (any leading batch shape, any device); Gram-teacher crops are
@@ -158,6 +194,50 @@ def _resize(img: Tensor, size: int) -> Tensor:
     if img.shape[-1] == size:
         return img
     return TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def _bicubic_aa(x: Tensor) -> Tensor:
+    """The cubic convolution kernel with a = -0.5, which PIL and PyTorch's antialiased bicubic use."""
+    x = x.abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _resize_weights(start: Tensor, length: Tensor, out_size: int, in_size: int, flipped: Tensor) -> Tensor:
+    """``[..., out_size, in_size]``: row ``i`` holds the weights of input positions ``0 .. in_size - 1`` in
+    output position ``i`` of an antialiased bicubic resize of ``[start, start + length)`` to ``out_size``
+    (the rule of PIL and ``F.interpolate(antialias=True)``: the kernel widened by the downscale factor,
+    cut at the crop's edges, each row normalised); rows reversed where ``flipped``."""
+    start, length = start.float()[..., None, None], length.float()[..., None, None]
+    scale = length / out_size
+    centre = (torch.arange(out_size, device=start.device)[:, None] + 0.5) * scale + start
+    position = torch.arange(in_size, device=start.device) + 0.5
+    weights = _bicubic_aa((position - centre) / scale.clamp(min=1))
+    weights = weights * ((position > start) & (position < start + length))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.where(flipped.bool()[..., None, None], weights.flip(-2), weights)
+
+
+def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Float ``[B, k, 3, size, size]``: ``k`` resized (and flipped) crops per image of float ``images``
+    ``[B, 3, H, W]``, given as ``boxes`` ``[B, k, 5]`` rows ``(top, left, height, width, flipped)``. A resize
+    is separable, so each crop is two matrix products (``Wy @ image @ Wx^T``) and the whole batch two
+    batched ones: one kernel each on a GPU instead of ``k x B`` interpolations."""
+    b, channels, height, width = images.shape
+    k = boxes.shape[1]
+    no_flip = torch.zeros_like(boxes[..., 4])
+    wy = _resize_weights(boxes[..., 0], boxes[..., 2], size, height, no_flip)  # [B, k, S, H]
+    wx = _resize_weights(boxes[..., 1], boxes[..., 3], size, width, boxes[..., 4])  # [B, k, S, W]
+    columns = images.transpose(1, 2).reshape(b, height, channels * width)  # [B, H, (C, W)]
+    rows = torch.bmm(wy.reshape(b, k * size, height), columns)  # [B, (k, S), (C, W)]
+    out = torch.bmm(rows.view(b * k, size * channels, width), wx.view(b * k, size, width).transpose(1, 2))
+    return out.view(b, k, size, channels, size).transpose(2, 3)
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -17,7 +17,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.collate import collate_masks, stack_crop_major
@@ -89,12 +92,26 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Decodes a source image and makes its uint8 crops (``photometric`` runs per sample or batched)."""
+    """Decodes a source image and makes its uint8 crops (``photometric`` runs per sample or batched), or,
+    with ``crops_on_device``, only draws their boxes: the image travels whole and the crops are cut batched
+    on the device (``MultiCrop.geometric_collated``)."""
 
-    def __init__(self, source: ImageSource, crop_sets: Sequence[CropConfig], photometric_in_worker: bool = True):
+    def __init__(
+        self,
+        source: ImageSource,
+        crop_sets: Sequence[CropConfig],
+        photometric_in_worker: bool = True,
+        crops_on_device: bool = False,
+        max_image_side: int = 1024,
+    ):
+        if crops_on_device and photometric_in_worker:
+            raise ValueError(
+                "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"
+            )
         self.source = source
         self.multicrops = [MultiCrop(c) for c in crop_sets]
         self.photometric_in_worker = photometric_in_worker
+        self.crops_on_device, self.max_image_side = crops_on_device, max_image_side
 
     def __len__(self) -> int:
         return len(self.source)
@@ -112,10 +129,42 @@ class MultiCropDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"{MAX_RETRIES} unreadable images in a row in {self.source.name}: {skipped[:3]} ...")
         gen = torch.Generator().manual_seed(ref.seed)
         multicrop = self.multicrops[ref.crop_set]
+        if self.crops_on_device:
+            img = _fit_side(img, self.max_image_side)
+            return {
+                "image": img,
+                "boxes": multicrop.crop_boxes(*img.shape[-2:], gen),
+                "crop_set": ref.crop_set,
+                "global_size": multicrop.config.global_size,
+                "label": self.source.label(index),
+                "skipped": skipped,
+                "mask_seed": ref.mask_seed,
+            }
         crops = multicrop.geometric(img, gen)
         if self.photometric_in_worker:
             crops = multicrop.photometric(crops, gen)
         return {**crops, "label": self.source.label(index), "skipped": skipped, "mask_seed": ref.mask_seed}
+
+
+def _fit_side(img: Tensor, max_side: int) -> Tensor:
+    """A huge image reduced to ``max_side`` (antialiased), so that one of them cannot blow up the padded
+    batch of whole images."""
+    height, width = img.shape[-2:]
+    if max(height, width) <= max_side:
+        return img
+    scale = max_side / max(height, width)
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    return TF.resize(img, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def pad_stack(images: list[Tensor]) -> Tensor:
+    """Images of different sizes ``[3, H_i, W_i]`` -> ``[B, 3, max H, max W]``, zero-padded at the bottom
+    and right (crop boxes keep their coordinates)."""
+    height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+    out = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for slot, img in zip(out, images, strict=True):
+        slot[:, : img.shape[-2], : img.shape[-1]] = img
+    return out
 
 
 class SSLCollate:
@@ -137,10 +186,21 @@ class SSLCollate:
         self.rank, self.world_size = rank, world_size
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = {
-            key: stack_crop_major([s[key] for s in samples]) for key in ("global", "local", "gram") if key in samples[0]
-        }
-        grid = int(batch["global"].shape[-1] // (self.patch_size * self.scale))
+        if "image" in samples[0]:  # crops cut on the device
+            batch = {
+                "images": pad_stack([s["image"] for s in samples]),
+                "boxes": torch.stack([s["boxes"] for s in samples]),
+                "crop_set": samples[0]["crop_set"],
+            }
+            global_size = samples[0]["global_size"]
+        else:
+            batch = {
+                key: stack_crop_major([s[key] for s in samples])
+                for key in ("global", "local", "gram")
+                if key in samples[0]
+            }
+            global_size = batch["global"].shape[-1]
+        grid = int(global_size // (self.patch_size * self.scale))
         # One seeded mask stream per step: reproducible wherever and on however many ranks it is collated.
         generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid * grid, seed=samples[0]["mask_seed"])
         b, world = len(samples), self.world_size
@@ -166,10 +226,13 @@ def build_ssl_loader(
     crop_set_probs: Sequence[float] = (1.0,),
     num_workers: int = 0,
     photometric_in_worker: bool = True,
+    crops_on_device: bool = False,
+    max_image_side: int = 1024,
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
 ) -> DataLoader:
-    """An endless loader of SSL batches starting at ``start_step``."""
+    """An endless loader of SSL batches starting at ``start_step``: collated crops, or with
+    ``crops_on_device`` whole images and crop boxes for ``MultiCrop.geometric_collated``."""
     sampler = StepBatchSampler(
         len(source),
         batch_size,
@@ -180,7 +243,7 @@ def build_ssl_loader(
         crop_set_probs=crop_set_probs,
     )
     return DataLoader(
-        MultiCropDataset(source, crop_sets, photometric_in_worker),
+        MultiCropDataset(source, crop_sets, photometric_in_worker, crops_on_device, max_image_side),
         batch_sampler=sampler,
         collate_fn=SSLCollate(
             patch_size,

@@ -26,6 +26,10 @@ class DataConfig:
     synthetic_size: int = 128  # their rendering size in pixels
     num_workers: int = 0  # data-loading processes (decode, crops, masks); 0 = in the training process
     photometric_on_device: bool = False  # collate uint8 crops, distort them batched on the device
+    # Workers only decode and draw crop boxes; the crops are cut batched on the device (needs
+    # photometric_on_device).
+    crops_on_device: bool = False
+    max_image_side: int = 1024  # with crops_on_device: larger images are first reduced to it in the worker
 
 
 @dataclasses.dataclass
@@ -135,6 +139,9 @@ class LogConfig:
 @dataclasses.dataclass
 class InitConfig:
     backbone: str | None = None  # continue pretraining from released / earlier weights (fresh heads)
+    # Not official: a shallower ViT takes only these blocks of `backbone`, in this order (layer selection as
+    # in DistilBERT, Sanh et al. 2019: a student started from every other block of its teacher).
+    backbone_blocks: list[int] | None = None
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
     # Start a stage from an earlier run folder (its newest checkpoint):
     #   continue: models, heads, optimizer and step counter carry on (Gram anchoring after pretraining);

@@ -262,6 +262,8 @@ class Member:
         """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
         source = load_model(self.cfg.init.backbone)
         state = source.state_dict()
+        if self.cfg.init.backbone_blocks is not None:
+            state = select_blocks(state, self.cfg.init.backbone_blocks, self.cfg.init.backbone)
         for model in (self.recipe.student.backbone, self.recipe.teacher.backbone):
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -269,6 +271,20 @@ class Member:
                     f"init.backbone={self.cfg.init.backbone} does not fit model.arch={self.cfg.model.arch}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
+
+
+def select_blocks(state: dict[str, Tensor], blocks: list[int], source: str) -> dict[str, Tensor]:
+    """A ViT state dict with only ``blocks`` of ``state``, renumbered ``0, 1, ...`` in the given order."""
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if not depth:
+        raise ValueError(f"init.backbone_blocks: {source} has no transformer blocks (a ViT is needed)")
+    if not blocks or any(not 0 <= b < depth for b in blocks):
+        raise ValueError(f"init.backbone_blocks={blocks}: {source} has blocks 0..{depth - 1}")
+    selected = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for new, old in enumerate(blocks):
+        prefix = f"blocks.{old}."
+        selected.update({f"blocks.{new}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)})
+    return selected
 
 
 class Trainer:
@@ -344,17 +360,22 @@ class Trainer:
             start_step=start,
             num_workers=cfg.data.num_workers,
             photometric_in_worker=not cfg.data.photometric_on_device,
+            crops_on_device=cfg.data.crops_on_device,
+            max_image_side=cfg.data.max_image_side,
             mask_ratio=tuple(cfg.loss.mask_ratio),
             mask_probability=cfg.loss.mask_probability,
         )
 
     def device_batches(self, source: ImageSource, start: int, patch_size: int) -> Iterator[dict]:
-        """The loader's batches on the device, with the photometric distortions applied to whole batches
-        there when ``data.photometric_on_device``."""
-        multicrop = MultiCrop(self._crop_sets()[0][0])  # the photometric stage does not depend on crop sizes
+        """The loader's batches on the device, with the crops cut (``data.crops_on_device``) and distorted
+        (``data.photometric_on_device``) batched there."""
+        multicrops = [MultiCrop(c) for c in self._crop_sets()[0]]
         for batch in self.loader(source, start, patch_size):
             batch = _to_device(batch, self.device)
-            yield multicrop.photometric_collated(batch) if self.cfg.data.photometric_on_device else batch
+            if "images" in batch:
+                batch = multicrops[batch.pop("crop_set")].geometric_collated(batch)
+            # the photometric stage does not depend on crop sizes
+            yield multicrops[0].photometric_collated(batch) if self.cfg.data.photometric_on_device else batch
 
     def run(self) -> Path:
         cfg, device, env = self.cfg, self.device, self.env
