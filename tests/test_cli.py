@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,18 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["steps"] == 7 and resolved["model"]["kwargs"]["embed_dim"] == 192
     assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml"), "tran.steps=1"]) == 2
+
+
+def test_a_mapping_override_updates_its_section_and_a_list_replaces(capsys):
+    from tests.conftest import REPO
+
+    preset = str(REPO / "configs" / "demo" / "pretrain.yaml")
+    override = 'model={"kwargs": {"depth": 3}}'
+    assert main(["config", preset, override, "crops.global_scale=[0.5,1.0]"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    model = yaml.safe_load(Path(preset).read_text())["model"]
+    assert resolved["model"]["kwargs"] == {**model["kwargs"], "depth": 3}
+    assert resolved["model"]["drop_path_rate"] == model["drop_path_rate"]  # not the default
+    assert resolved["crops"]["global_scale"] == [0.5, 1.0]
+    assert main(["config", preset, 'model={"kwrgs": {}}']) == 2
+    assert "model.kwargs" in capsys.readouterr().err

@@ -158,6 +158,20 @@ def test_multi_student_run_equals_separate_single_student_runs(preset, tmp_path)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_student_starts_from_chosen_blocks_of_its_teacher(preset, teacher_run, tmp_path):
+    """``init.backbone_blocks`` without ``init.backbone``: blocks of the distillation teacher's backbone."""
+    half = {"arch": "vit_small", "kwargs": {**TEACHER["model"]["kwargs"], "depth": 1}}
+    students = [{"name": "half", "model": half, "init": {"backbone_blocks": [1], "head_warmup_steps": 2}}]
+    run = tmp_path / "from-blocks"
+    Trainer(load_train_config(preset, [f"run.dir={run}", f"distill.students={students}", "train.steps=2"])).run()
+    teacher = load_distillation_teacher(teacher_run).backbone.state_dict()
+    student = load_model(run / "half" / "teacher.safetensors").state_dict()  # backbone frozen in warm-up
+    assert all(torch.equal(v, teacher[k.replace("blocks.0.", "blocks.1.")]) for k, v in student.items())
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'x'}", "distill.teacher=null", "init.backbone_blocks=[0]"])
+    with pytest.raises(ValueError, match="the blocks of what"):
+        Trainer(cfg).run()
+
+
 def test_students_may_only_change_their_own_sections(preset, tmp_path):
     from opendino.config import ConfigError
 

@@ -28,8 +28,9 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def apply_overrides(tree: dict, overrides: Iterable[str], allow_new: bool = False) -> dict:
-    """A copy of ``tree`` with each ``a.b.c=value`` applied (values parsed as YAML scalars or lists).
-    Unknown keys are an error naming the closest valid keys unless ``allow_new``."""
+    """A copy of ``tree`` with each ``a.b.c=value`` applied (values parsed as YAML; a mapping is merged into
+    the section it names, so ``model={kwargs: {depth: 3}}`` keeps the preset's other model keys). Unknown
+    keys are an error naming the closest valid keys unless ``allow_new``."""
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -44,7 +45,10 @@ def apply_overrides(tree: dict, overrides: Iterable[str], allow_new: bool = Fals
                 hint = f"; closest valid keys: {', '.join(close)}" if close else ""
                 raise ConfigError(f"unknown config key {key!r}{hint}")
             if last:
-                node[part] = yaml.safe_load(raw) if raw != "" else None
+                value = yaml.safe_load(raw) if raw != "" else None
+                # a mapping updates a section (as a preset over its base does); anything else replaces
+                both = isinstance(value, dict) and isinstance(node.get(part), dict)
+                node[part] = merge(node[part], value) if both else value
             else:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):

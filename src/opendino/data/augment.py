@@ -140,8 +140,8 @@ class MultiCrop:
     def geometric_collated(self, batch: dict) -> dict:
         """The crops of ``geometric`` for a whole batch on its device: ``images`` (uint8 ``[B, 3, H, W]``,
         zero-padded) and their ``boxes`` (``[B, 2 + n_local, 5]``) become the crop-major uint8 ``global``,
-        ``local`` (and ``gram``) of the collated worker path. The same crops to within one grey level: float
-        weights here, the CPU's fixed-point kernel there."""
+        ``local`` (and ``gram``) of the collated worker path: the same crops, nearly all pixels within one
+        grey level (float weights here, the CPU's fixed-point uint8 kernel there)."""
         c = self.config
         batch = dict(batch)
         images, boxes = batch.pop("images").float(), batch.pop("boxes")
@@ -209,7 +209,9 @@ def _bicubic_aa(x: Tensor) -> Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def _resize_weights(start: Tensor, length: Tensor, out_size: int, in_size: int, flipped: Tensor) -> Tensor:
+def _resize_weights(
+    start: Tensor, length: Tensor, out_size: int, in_size: int, flipped: Tensor | None = None
+) -> Tensor:
     """``[..., out_size, in_size]``: row ``i`` holds the weights of input positions ``0 .. in_size - 1`` in
     output position ``i`` of an antialiased bicubic resize of ``[start, start + length)`` to ``out_size``
     (the rule of PIL and ``F.interpolate(antialias=True)``: the kernel widened by the downscale factor,
@@ -221,6 +223,8 @@ def _resize_weights(start: Tensor, length: Tensor, out_size: int, in_size: int, 
     weights = _bicubic_aa((position - centre) / scale.clamp(min=1))
     weights = weights * ((position > start) & (position < start + length))
     weights = weights / weights.sum(-1, keepdim=True)
+    if flipped is None:
+        return weights
     return torch.where(flipped.bool()[..., None, None], weights.flip(-2), weights)
 
 
@@ -231,8 +235,7 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     batched ones: one kernel each on a GPU instead of ``k x B`` interpolations."""
     b, channels, height, width = images.shape
     k = boxes.shape[1]
-    no_flip = torch.zeros_like(boxes[..., 4])
-    wy = _resize_weights(boxes[..., 0], boxes[..., 2], size, height, no_flip)  # [B, k, S, H]
+    wy = _resize_weights(boxes[..., 0], boxes[..., 2], size, height)  # [B, k, S, H]
     wx = _resize_weights(boxes[..., 1], boxes[..., 3], size, width, boxes[..., 4])  # [B, k, S, W]
     columns = images.transpose(1, 2).reshape(b, height, channels * width)  # [B, H, (C, W)]
     rows = torch.bmm(wy.reshape(b, k * size, height), columns)  # [B, (k, S), (C, W)]

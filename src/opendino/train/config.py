@@ -139,8 +139,9 @@ class LogConfig:
 @dataclasses.dataclass
 class InitConfig:
     backbone: str | None = None  # continue pretraining from released / earlier weights (fresh heads)
-    # Not official: a shallower ViT takes only these blocks of `backbone`, in this order (layer selection as
-    # in DistilBERT, Sanh et al. 2019: a student started from every other block of its teacher).
+    # Not official: a shallower ViT takes only these blocks of `backbone` (default: the distillation
+    # teacher's), in this order; layer selection as in DistilBERT (Sanh et al. 2019), a student started
+    # from every other block of its teacher.
     backbone_blocks: list[int] | None = None
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
     # Start a stage from an earlier run folder (its newest checkpoint):

@@ -99,7 +99,7 @@ class Member:
                 print(f"resuming {self.run_dir} after step {resume_step}")
         elif cfg.init.from_run:
             start, optimizer_state = self._init_from_run()
-        elif cfg.init.backbone:
+        elif cfg.init.backbone or cfg.init.backbone_blocks is not None:
             self._init_backbone()
         if resumed is None and recipe.gram_teacher is not None:
             if cfg.gram.checkpoint:
@@ -259,16 +259,22 @@ class Member:
         raise ValueError(f"init.from_mode={cfg.from_mode!r}; valid: continue, teacher")
 
     def _init_backbone(self) -> None:
-        """Student and teacher backbones from released or earlier weights; the heads stay fresh."""
-        source = load_model(self.cfg.init.backbone)
-        state = source.state_dict()
-        if self.cfg.init.backbone_blocks is not None:
-            state = select_blocks(state, self.cfg.init.backbone_blocks, self.cfg.init.backbone)
+        """Student and teacher backbones from released or earlier weights (by default, with
+        ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
+        init, teacher = self.cfg.init, self.cfg.distill.teacher
+        if init.backbone:
+            name, state = init.backbone, load_model(init.backbone).state_dict()
+        elif teacher:
+            name, state = f"distill.teacher={teacher}", load_distillation_teacher(teacher).backbone.state_dict()
+        else:
+            raise ValueError("init.backbone_blocks: the blocks of what? Set init.backbone (or distill.teacher)")
+        if init.backbone_blocks is not None:
+            state = select_blocks(state, init.backbone_blocks, name)
         for model in (self.recipe.student.backbone, self.recipe.teacher.backbone):
             missing, unexpected = model.load_state_dict(state, strict=False)
             if missing or unexpected:
                 raise ValueError(
-                    f"init.backbone={self.cfg.init.backbone} does not fit model.arch={self.cfg.model.arch}: "
+                    f"{name} does not fit model.arch={self.cfg.model.arch}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
 
