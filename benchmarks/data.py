@@ -1,11 +1,13 @@
 """Throughput of the multi-crop pipeline (2x224 + 8x96) from a folder of ~500x375 JPEGs, per CPU core.
 
 Compares, in one run: OpenDINO per sample (decode + crops + photometric, all in the worker), OpenDINO
-split (decode + uint8 crops in the worker; photometric batched on the training device), and a reference
-per-image PIL + torchvision.transforms.v2 pipeline of the same recipe (what the official code does).
+split (decode + uint8 crops in the worker; photometric batched on the training device), OpenDINO with the
+crops on the device too (decode + crop boxes in the worker; crops and photometric batched on the device),
+and a reference per-image PIL + torchvision.transforms.v2 pipeline of the same recipe (what the official
+code does).
 
     python benchmarks/data.py                  # CPU, one thread: images/s per core
-    python benchmarks/data.py --device cuda    # adds the batched photometric stage on the GPU
+    python benchmarks/data.py --device cuda    # the batched stages on the GPU
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from opendino.data.augment import CropConfig, MultiCrop
+from opendino.data.loader import pad_stack
 from opendino.data.sources import decode_image
 from opendino.data.synthetic import render_scene
 
@@ -69,6 +72,18 @@ def rate(fn, items) -> float:
     return len(items) / (time.perf_counter() - start)
 
 
+def batched_rate(fn, images: int, device: torch.device, repeats: int = 5) -> float:
+    """Images/s of ``fn()`` on a batch of ``images``, after one warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return repeats * images / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=48, help="images")
@@ -94,22 +109,25 @@ def main() -> None:
                 rate(lambda p: geometric.append(multicrop.geometric(decode_image(p), gen)), paths),
             )
         )
+        decoded = []
+
+        def decode_and_draw(path: Path) -> None:
+            img = decode_image(path)
+            decoded.append((img, multicrop.crop_boxes(*img.shape[-2:], gen)))
+
+        rows.append(("OpenDINO worker part, crops on the device (decode + crop boxes)", rate(decode_and_draw, paths)))
     device = torch.device(args.device)
     used = geometric[: args.batch_size]
     batch = {k: torch.cat([g[k] for g in used]).to(device) for k in ("global", "local")}
     batch["global"] = batch["global"].unflatten(0, (-1, 2)).transpose(0, 1).flatten(0, 1)
     dev_gen = torch.Generator(device).manual_seed(0)
-    run = lambda _: multicrop.photometric_collated(batch, dev_gen)  # noqa: E731
-    run(None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        run(None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    batched = 5 * len(used) / (time.perf_counter() - start)
+    batched = batched_rate(lambda: multicrop.photometric_collated(batch, dev_gen), len(used), device)
     rows.append((f"OpenDINO batched photometric on {device.type} (batch {len(used)})", batched))
+    whole = decoded[: args.batch_size]
+    images = pad_stack([img for img, _ in whole]).to(device)
+    boxes = torch.stack([b for _, b in whole]).to(device)
+    cut = batched_rate(lambda: multicrop.geometric_collated({"images": images, "boxes": boxes}), len(whole), device)
+    rows.append((f"OpenDINO crops cut batched on {device.type} (batch {len(whole)})", cut))
     print(f"\n{args.n} JPEGs 500x375, 2x224 + 8x96 crops, {args.threads} thread(s)\n")
     print("| pipeline | images/s |")
     print("|---|---|")

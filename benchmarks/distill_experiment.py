@@ -66,6 +66,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override of the teacher's preset, repeatable (e.g. optim.epochs=40 schedules.lr.peak=1e-3)",
     )
+    p.add_argument(
+        "--distill-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of the distillation preset, repeatable (e.g. schedules.teacher_temp={start: 0.07, ...})",
+    )
     p.add_argument("--steps", type=int, default=300, help="student steps (distilled and from scratch)")
     p.add_argument("--seed", type=int, default=0, help="the students' train.seed (distilled and from scratch)")
     p.add_argument("--timing-steps", type=int, default=40, help="0: no timing of the shared teacher pass")
@@ -86,7 +93,8 @@ def main() -> None:
     runs = {"teacher": teacher}
     distilled = out / "distilled"
     if not all((distilled / name / "teacher.safetensors").exists() for name in students):
-        cfg = load_train_config(args.preset, [f"run.dir={distilled}", f"distill.teacher={teacher}", *steps])
+        overrides = [f"run.dir={distilled}", f"distill.teacher={teacher}", *args.distill_set, *steps]
+        cfg = load_train_config(args.preset, overrides)
         Trainer(cfg).run()
     for name, sections in students.items():
         runs[f"{name} distilled"] = distilled / name

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, the trainer's batches end to end from a JPEG folder (crops cut in the
-# workers or on the GPU), the full training step (ViT-S/B, with its host synchronisations and profiles) and
-# ViT-S end to end; optionally the end-to-end trainer with crops cut in the workers, ViT-L, the data
-# pipeline and inference against timm. Prints a short table last; every section's output is kept in
-# $OUT/all.log.
+# workers or on the GPU), the data pipeline per core and its batched GPU stages, the full training step
+# (ViT-S/B, with its host synchronisations and profiles) and ViT-S end to end; optionally the end-to-end
+# trainer with crops cut in the workers, ViT-L and inference against timm. Prints a short table last; every
+# section's output is kept in $OUT/all.log.
 # Every section has its own time limit, so one slow part cannot take the others down; the default set fits
 # one 10-minute device call.
 #   bash benchmarks/gpu_check.sh                    (from the repo root on the device machine)
-#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also ViT-L, data, inference)
+#   GPU_CHECK_ALL=1 bash benchmarks/gpu_check.sh    (also ViT-L, inference)
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -54,6 +54,8 @@ E2E="python3 benchmarks/train_e2e.py --batch-size 64 --steps 400"
 section 120 $E2E --data-only device
 section 120 $E2E --data-only device --crops-on-device
 section 100 $E2E --data-only loader --crops-on-device
+# Per core, and the batched stages (crops, photometric) alone on the GPU.
+section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
 
 # The training step on synthetic batches: 2x224 + 8x96, K=65536, drop path 0.3, bf16, blocks, heads and
 # losses compiled; the profiles (device kernels and host time per operator) go to all.log.
@@ -70,7 +72,6 @@ if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
     section 100 $STEP --arch vit_large --batch-size 64
     section 150 $STEP --arch vit_large --batch-size 32
     section 150 $STEP --arch vit_large --batch-size 64 --ac selective
-    section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
     section 120 python3 benchmarks/infer.py --device cuda --batch-size 128 --iters 20 --warmup 3
 fi
 
