@@ -168,12 +168,13 @@ def test_a_mapping_override_updates_its_section_and_a_list_replaces(capsys):
     from tests.conftest import REPO
 
     preset = str(REPO / "configs" / "demo" / "pretrain.yaml")
-    override = 'model={"kwargs": {"depth": 3}}'
-    assert main(["config", preset, override, "crops.global_scale=[0.5,1.0]"]) == 0
+    convnext = {"arch": "convnext_tiny", "kwargs": {"depths": [1, 1, 1, 1]}}
+    assert main(["config", preset, f"model={convnext}", "crops.global_scale=[0.5,1.0]"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     model = yaml.safe_load(Path(preset).read_text())["model"]
-    assert resolved["model"]["kwargs"] == {**model["kwargs"], "depth": 3}
-    assert resolved["model"]["drop_path_rate"] == model["drop_path_rate"]  # not the default
+    assert resolved["model"]["drop_path_rate"] == model["drop_path_rate"]  # the preset's, not the default
+    # the constructor arguments belong to the arch: replaced whole, not merged with the ViT's
+    assert resolved["model"]["arch"] == "convnext_tiny" and resolved["model"]["kwargs"] == convnext["kwargs"]
     assert resolved["crops"]["global_scale"] == [0.5, 1.0]
     assert main(["config", preset, 'model={"kwrgs": {}}']) == 2
     assert "model.kwargs" in capsys.readouterr().err

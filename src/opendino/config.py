@@ -27,10 +27,13 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(tree: dict, overrides: Iterable[str], allow_new: bool = False) -> dict:
+def apply_overrides(
+    tree: dict, overrides: Iterable[str], allow_new: bool = False, values: frozenset[str] = frozenset()
+) -> dict:
     """A copy of ``tree`` with each ``a.b.c=value`` applied (values parsed as YAML; a mapping is merged into
-    the section it names, so ``model={kwargs: {depth: 3}}`` keeps the preset's other model keys). Unknown
-    keys are an error naming the closest valid keys unless ``allow_new``."""
+    the section it names, so ``model={arch: ..., kwargs: {...}}`` keeps the preset's other model keys;
+    mappings at the paths in ``values`` are replaced whole). Unknown keys are an error naming the closest
+    valid keys unless ``allow_new``."""
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -47,8 +50,8 @@ def apply_overrides(tree: dict, overrides: Iterable[str], allow_new: bool = Fals
             if last:
                 value = yaml.safe_load(raw) if raw != "" else None
                 # a mapping updates a section (as a preset over its base does); anything else replaces
-                both = isinstance(value, dict) and isinstance(node.get(part), dict)
-                node[part] = merge(node[part], value) if both else value
+                both = isinstance(value, dict) and isinstance(node.get(part), dict) and key not in values
+                node[part] = merge(node[part], value, values, f"{key}.") if both else value
             else:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
@@ -143,12 +146,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def merge(base: dict, update: dict) -> dict:
-    """Deep merge of two mappings (``update`` wins)."""
+def merge(base: dict, update: dict, values: frozenset[str] = frozenset(), _at: str = "") -> dict:
+    """Deep merge of two mappings (``update`` wins). Mappings at the dotted paths in ``values`` are values,
+    not sections: an update replaces them whole."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        path = f"{_at}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in values:
+            out[key] = merge(out[key], value, values, f"{path}.")
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -229,10 +229,15 @@ class TrainConfig:
         return self.train.steps if self.train.steps is not None else int(self.optim.epochs * self.train.epoch_length)
 
 
+# Mappings that are one value, not a section: a model's constructor arguments belong to its `arch`, so an
+# update (a preset over its base, a student, an override) replaces them whole.
+DICT_VALUES = frozenset({"model.kwargs"})
+
+
 def _read_preset(path: Path) -> dict:
     data = load_yaml(path)
     base = data.pop("base", None)
-    return merge(_read_preset((path.parent / base).resolve()), data) if base else data
+    return merge(_read_preset((path.parent / base).resolve()), data, DICT_VALUES) if base else data
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -245,10 +250,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             build(TrainConfig, {k: {} for k in unknown_sections})  # raises with the closest names
         # `schedules` replaces the defaults as a whole: a preset's schedule set is complete.
         schedules = preset.pop("schedules", None)
-        tree = merge(tree, preset)
+        tree = merge(tree, preset, DICT_VALUES)
         if schedules is not None:
             tree["schedules"] = schedules
-    tree = apply_overrides(tree, [o for o in overrides if not o.startswith("schedules.")])
+    tree = apply_overrides(tree, [o for o in overrides if not o.startswith("schedules.")], values=DICT_VALUES)
     tree = apply_overrides(tree, [o for o in overrides if o.startswith("schedules.")], allow_new=True)
     return build(TrainConfig, tree)
 
@@ -272,7 +277,7 @@ def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
                 f"distill.students[{i}] ({name}) sets {shared}: shared by all students; a student may set "
                 f"{', '.join(STUDENT_SECTIONS)}"
             )
-        tree = merge(base, entry)
+        tree = merge(base, entry, DICT_VALUES)
         tree["run"]["dir"] = str(Path(cfg.run.dir) / name)
         configs[name] = build(TrainConfig, tree)
     return configs
