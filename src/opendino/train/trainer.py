@@ -348,9 +348,9 @@ class Trainer:
         return source
 
     def loader(self, source: ImageSource, start: int, patch_size: int) -> DataLoader:
-        """The data loader of steps ``start``, ``start + 1``, ...: workers decode, crop (uint8) and collate
-        with the iBOT masks, and distort too unless ``data.photometric_on_device``. ``patch_size``: of the
-        network whose token grid the masks follow."""
+        """The data loader of steps ``start``, ``start + 1``, ...: workers decode, crop (uint8; only draw the
+        crop boxes with ``data.crops_on_device``) and collate with the iBOT masks, and distort too unless
+        ``data.photometric_on_device``. ``patch_size``: of the network whose token grid the masks follow."""
         cfg = self.cfg
         crop_sets, crop_odds = self._crop_sets()
         return build_ssl_loader(
