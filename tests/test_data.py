@@ -316,3 +316,5 @@ def test_loader_with_crops_on_the_device_gives_the_same_batches():
     assert all(((same[k].int() - cut[k].int()).abs() <= 1).float().mean() > 0.99 for k in ("global", "local", "gram"))
     with pytest.raises(ValueError, match="photometric_on_device"):
         build_ssl_loader(src, [cfg], batch_size=3, crops_on_device=True)
+    with pytest.raises(ValueError, match="max_image_side=0"):
+        build_ssl_loader(src, [cfg], crops_on_device=True, max_image_side=0, **kwargs)

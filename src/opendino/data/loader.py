@@ -108,6 +108,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
             raise ValueError(
                 "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"
             )
+        if max_image_side < 1:
+            raise ValueError(f"data.max_image_side={max_image_side}: must be a positive number of pixels")
         self.source = source
         self.multicrops = [MultiCrop(c) for c in crop_sets]
         self.photometric_in_worker = photometric_in_worker
