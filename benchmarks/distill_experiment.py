@@ -1,17 +1,19 @@
 """Distillation against SSL from scratch at demo scale (CPU), and the cost of sharing the teacher.
 
 1. the teacher: `--teacher-preset` (default `configs/demo/pretrain.yaml`, with `--teacher-set KEY=VALUE`
-   overrides), or `--teacher RUN`;
-2. the students of `--preset` (default `configs/distill/demo.yaml`: two) distilled from it in one run, and
-   the same architectures pretrained by SSL from scratch (`configs/demo/pretrain.yaml`) for the same number
-   of steps;
-3. k-NN and segmentation (linear and nearest-neighbour) of the teacher and all four students, beside
-   random init;
+   overrides), or `--teacher RUN`; with `--heads-preset`, fresh heads are then fitted on its frozen backbone
+   and that run is the distillation teacher;
+2. for each of `--seeds`: the students of `--preset` (default `configs/distill/demo.yaml`: two) distilled
+   from it in one run, and the same architectures pretrained by SSL from scratch
+   (`configs/demo/pretrain.yaml`) for the same number of steps;
+3. k-NN (5,000 / 2,000 held-out scenes: its seed-to-seed spread is the larger one) and segmentation
+   (linear and nearest-neighbour, 1,000 / 500) of the teacher and every student, beside random init;
 4. time per step: the multi-student run against the single-student runs (teacher forward shared or not).
 
     python benchmarks/distill_experiment.py --out runs/distill_experiment
-    python benchmarks/distill_experiment.py --out runs/distill_blocks \
-        --teacher-preset configs/demo/pretrain_long.yaml --preset configs/distill/demo_blocks.yaml
+    python benchmarks/distill_experiment.py --out runs/distill_blocks --seeds 0 1 2 \\
+        --teacher-preset configs/demo/pretrain_long.yaml --heads-preset configs/demo/teacher_heads.yaml \\
+        --preset configs/distill/demo_blocks.yaml
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
+from opendino.eval.data import synthetic_folder
 from opendino.eval.suite import evaluate
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
@@ -30,6 +32,8 @@ from opendino.train.trainer import Trainer
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "configs" / "demo" / "pretrain.yaml"
 DISTILL = REPO / "configs" / "distill" / "demo.yaml"
+RESOLUTION = 128
+KNN_SCENES = (5000, 2000)  # train, val
 
 
 def seconds_per_step(metrics_run: Path, batch: int) -> float:
@@ -53,12 +57,34 @@ def time_shared_teacher(
     return together, singles
 
 
+def evaluate_run(run: Path, knn_data: Path) -> dict[str, float]:
+    """k-NN@20 on the large held-out set, segmentation on the default one; random init beside."""
+    quiet = {"resolution": RESOLUTION, "progress": False, "log": lambda _: None}
+    knn = evaluate(run, data=str(knn_data), tasks=("knn",), out=run / "eval-knn", **quiet)
+    seg = evaluate(run, tasks=("seg",), **quiet)
+    return {
+        "knn_k20": knn["trained"]["knn"]["top1_k20"],
+        "seg_miou": seg["trained"]["seg"]["miou"],
+        "seg_nn_miou": seg["trained"]["seg"]["nn_miou"],
+        "random_knn_k20": knn["random_init"]["knn"]["top1_k20"],
+        "random_seg_miou": seg["random_init"]["seg"]["miou"],
+        "random_seg_nn_miou": seg["random_init"]["seg"]["nn_miou"],
+    }
+
+
+def train_once(preset: Path, overrides: list[str]) -> None:
+    """Trains unless the run folder already holds its exported model(s) (the experiment resumes)."""
+    cfg = load_train_config(preset, overrides)
+    names = [s["name"] for s in cfg.distill.students] or [""]
+    if not all((Path(cfg.run.dir) / name / "teacher.safetensors").exists() for name in names):
+        Trainer(cfg).run()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/distill_experiment")
     p.add_argument("--teacher", default=None, help="an existing teacher run (default: pretrain one)")
     p.add_argument("--teacher-preset", type=Path, default=PRETRAIN, help="the teacher's pretraining preset")
-    p.add_argument("--preset", type=Path, default=DISTILL, help="the distillation preset (its students)")
     p.add_argument(
         "--teacher-set",
         action="append",
@@ -66,6 +92,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override of the teacher's preset, repeatable (e.g. optim.epochs=40 schedules.lr.peak=1e-3)",
     )
+    p.add_argument("--heads-preset", type=Path, default=None, help="fit fresh heads on the frozen teacher first")
+    p.add_argument("--preset", type=Path, default=DISTILL, help="the distillation preset (its students)")
     p.add_argument(
         "--distill-set",
         action="append",
@@ -74,64 +102,51 @@ def main() -> None:
         help="override of the distillation preset, repeatable (e.g. schedules.teacher_temp={start: 0.07, ...})",
     )
     p.add_argument("--steps", type=int, default=300, help="student steps (distilled and from scratch)")
-    p.add_argument("--seed", type=int, default=0, help="the students' train.seed (distilled and from scratch)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="the students' train.seed values")
     p.add_argument("--timing-steps", type=int, default=40, help="0: no timing of the shared teacher pass")
     args = p.parse_args()
     out = Path(args.out)
-    steps = [f"train.steps={args.steps}", f"train.seed={args.seed}"]
 
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
-    if not (teacher / "teacher.safetensors").exists():
-        overrides = [f"run.dir={teacher}", "log.progress=false", *args.teacher_set]
-        Trainer(load_train_config(args.teacher_preset, overrides)).run()
+    train_once(args.teacher_preset, [f"run.dir={teacher}", "log.progress=false", *args.teacher_set])
+    runs = {"teacher": [teacher]}
+    if args.heads_preset:
+        heads = out / "teacher-heads"
+        train_once(args.heads_preset, [f"run.dir={heads}", f"init.backbone={teacher}", "log.progress=false"])
+        teacher = heads
     # each student's own sections (model, init, ...), as overrides
     students = {
         s["name"]: [f"{k}={json.dumps(v)}" for k, v in s.items() if k != "name"]
         for s in load_train_config(args.preset).distill.students
     }
+    for seed in args.seeds:
+        steps = [f"train.steps={args.steps}", f"train.seed={seed}", "log.progress=false"]
+        distilled = out / f"seed{seed}" / "distilled"
+        train_once(args.preset, [f"run.dir={distilled}", f"distill.teacher={teacher}", *args.distill_set, *steps])
+        for name, sections in students.items():
+            runs.setdefault(f"{name} distilled", []).append(distilled / name)
+            scratch = out / f"seed{seed}" / f"ssl-{name}"
+            train_once(PRETRAIN, [f"run.dir={scratch}", *[o for o in sections if o.startswith("model=")], *steps])
+            runs.setdefault(f"{name} SSL from scratch", []).append(scratch)
 
-    runs = {"teacher": teacher}
-    distilled = out / "distilled"
-    if not all((distilled / name / "teacher.safetensors").exists() for name in students):
-        overrides = [f"run.dir={distilled}", f"distill.teacher={teacher}", *args.distill_set, *steps]
-        cfg = load_train_config(args.preset, overrides)
-        Trainer(cfg).run()
-    for name, sections in students.items():
-        runs[f"{name} distilled"] = distilled / name
-        scratch = out / f"ssl-{name}"
-        if not (scratch / "teacher.safetensors").exists():
-            model = [o for o in sections if o.startswith("model=")]
-            overrides = [f"run.dir={scratch}", *model, "log.progress=false", *steps]
-            Trainer(load_train_config(PRETRAIN, overrides)).run()
-        runs[f"{name} SSL from scratch"] = scratch
-
-    results = {}
-    for label, run in runs.items():
-        start = time.perf_counter()
-        r = evaluate(run, tasks=("knn", "seg"), resolution=128, progress=False, log=lambda _: None)
-        results[label] = {
-            "knn_k20": r["trained"]["knn"]["top1_k20"],
-            "seg_miou": r["trained"]["seg"]["miou"],
-            "seg_nn_miou": r["trained"]["seg"]["nn_miou"],
-            "random_knn_k20": r["random_init"]["knn"]["top1_k20"],
-            "random_seg_miou": r["random_init"]["seg"]["miou"],
-            "random_seg_nn_miou": r["random_init"]["seg"]["nn_miou"],
-            "eval_s": time.perf_counter() - start,
-        }
+    knn_data = synthetic_folder(out / "eval-data", *KNN_SCENES, RESOLUTION)
+    results = {label: [evaluate_run(run, knn_data) for run in group] for label, group in runs.items()}
     if args.timing_steps:
         both, singles = time_shared_teacher(args.preset, teacher, students, out / "timing", args.timing_steps)
         results["timing"] = {"students_s_per_step": both, **{f"{k}_alone_s_per_step": v for k, v in singles.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print("\n| model | k-NN@20 | seg linear mIoU | seg NN mIoU |")
+    print(f"\nseeds {args.seeds}: each seed's value, their mean in bold; random init of the architecture in brackets")
+    print("| model | k-NN@20 | seg linear mIoU | seg NN mIoU |")
     print("|---|---|---|---|")
     for label in runs:
-        r = results[label]
-        print(
-            f"| {label} | {r['knn_k20']:.3f} ({r['random_knn_k20']:.3f}) | {r['seg_miou']:.3f} "
-            f"({r['random_seg_miou']:.3f}) | {r['seg_nn_miou']:.3f} ({r['random_seg_nn_miou']:.3f}) |"
-        )
-    print("(random init of the same architecture in brackets)")
+        cells = []
+        for key in ("knn_k20", "seg_miou", "seg_nn_miou"):
+            values = [r[key] for r in results[label]]
+            each = " / ".join(f"{v:.3f}" for v in values)
+            mean = f" **{statistics.mean(values):.3f}**" if len(values) > 1 else ""
+            cells.append(f"{each}{mean} ({results[label][0]['random_' + key]:.3f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if args.timing_steps:
         separately = " + ".join(f"{v:.3f}" for v in singles.values())
         total = sum(singles.values())

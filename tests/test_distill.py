@@ -170,6 +170,20 @@ def test_a_student_starts_from_chosen_blocks_of_its_teacher(preset, teacher_run,
     cfg = load_train_config(preset, [f"run.dir={tmp_path / 'x'}", "distill.teacher=null", "init.backbone_blocks=[0]"])
     with pytest.raises(ValueError, match="the blocks of what"):
         Trainer(cfg).run()
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'y'}", "distill.teacher=null", "loss.sinkhorn_iterations=0"])
+    with pytest.raises(ValueError, match="needs a frozen distill.teacher"):
+        Trainer(cfg).run()
+
+
+def test_fresh_heads_are_fitted_on_a_run_folders_frozen_backbone(preset, teacher_run, tmp_path):
+    """``init.backbone=RUN``: the EMA teacher backbone of a run's newest checkpoint, e.g. to refit its heads."""
+    run = tmp_path / "refit"
+    refit = [f"run.dir={run}", f"init.backbone={teacher_run}", "init.head_warmup_steps=2", "train.steps=2"]
+    Trainer(load_train_config(preset, [*refit, "distill.teacher=null", f"model={TEACHER['model']}"])).run()
+    before = load_distillation_teacher(teacher_run)
+    after = load_distillation_teacher(run)
+    assert all(torch.equal(v, after.backbone.state_dict()[k]) for k, v in before.backbone.state_dict().items())
+    assert not torch.equal(before.dino_head.last_layer.weight, after.dino_head.last_layer.weight)
 
 
 def test_students_may_only_change_their_own_sections(preset, tmp_path):

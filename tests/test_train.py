@@ -223,6 +223,15 @@ def test_sinkhorn_stays_finite_for_large_logits():
     assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(16), atol=1e-4)
 
 
+def test_sinkhorn_with_zero_iterations_is_the_uncentred_softmax():
+    from opendino.losses import sinkhorn_knopp
+
+    logits = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.07, n_iterations=0), torch.softmax(logits / 0.07, -1))
+    centred = sinkhorn_knopp(logits, 0.07)  # three iterations: prototypes used almost equally
+    assert centred.sum(0).std() < 0.5 * torch.softmax(logits / 0.07, -1).sum(0).std()
+
+
 def test_a_run_shorter_than_its_warmup_ends_inside_it():
     from opendino.train.schedules import linear_warmup_cosine_decay
 

@@ -28,6 +28,8 @@ def sinkhorn_knopp(
     """
     with torch.autocast(logits.device.type, enabled=False):  # the products must stay in float32
         scores = logits.float()
+        if n_iterations == 0:  # no centring: the teacher's own softmax (a frozen distillation teacher)
+            return torch.softmax(scores / teacher_temp, dim=-1)
         # Each prototype is shifted by its (global) maximum: the first prototype normalisation cancels any
         # per-prototype constant, so the result is the official one, but exp() can neither overflow (the
         # official code does past logits / T ~ 88) nor leave a prototype with no mass.

@@ -74,6 +74,7 @@ class LossConfig:
     ibot_weight: float = 1.0
     global_ignore_diagonal: bool = True
     student_temp: float = 0.1
+    # 0: no centring, the teacher's own softmax (not official; for a frozen distillation teacher only)
     sinkhorn_iterations: int = 3
     mask_ratio: tuple[float, ...] = (0.1, 0.5)  # iBOT: masked share of tokens, spread over the masked crops
     mask_probability: float = 0.5  # share of global crops that are masked
@@ -138,7 +139,8 @@ class LogConfig:
 
 @dataclasses.dataclass
 class InitConfig:
-    backbone: str | None = None  # continue pretraining from released / earlier weights (fresh heads)
+    # continue pretraining from released / earlier weights, a file or a run folder (its EMA teacher), with fresh heads
+    backbone: str | None = None
     # Not official: a shallower ViT takes only these blocks of `backbone` (default: the distillation
     # teacher's), in this order; layer selection as in DistilBERT (Sanh et al. 2019), a student started
     # from every other block of its teacher.

@@ -262,7 +262,9 @@ class Member:
         """Student and teacher backbones from released or earlier weights (by default, with
         ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
         init, teacher = self.cfg.init, self.cfg.distill.teacher
-        if init.backbone:
+        if init.backbone and (Path(init.backbone) / "config.yaml").is_file():  # a run folder: its EMA teacher
+            name, state = init.backbone, load_distillation_teacher(init.backbone).backbone.state_dict()
+        elif init.backbone:
             name, state = init.backbone, load_model(init.backbone).state_dict()
         elif teacher:
             name, state = f"distill.teacher={teacher}", load_distillation_teacher(teacher).backbone.state_dict()
@@ -389,6 +391,10 @@ class Trainer:
 
         if cfg.distill.teacher and cfg.gram.enabled:
             raise ValueError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
+        if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
+            raise ValueError(
+                "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
+            )
         members = self._members()
         resume = common_steps([m.ckpt_dir for m in members])
         start = {m.build(resume) for m in members}
