@@ -80,6 +80,21 @@ def train_once(preset: Path, overrides: list[str]) -> None:
         Trainer(cfg).run()
 
 
+def print_table(results: dict[str, list[dict[str, float]]], seeds: list[int]) -> None:
+    """Markdown rows: each seed's value, their mean in bold, random init of the architecture in brackets."""
+    print(f"\nseeds {seeds}: each seed's value, their mean in bold; random init of the architecture in brackets")
+    print("| model | k-NN@20 | seg linear mIoU | seg NN mIoU |")
+    print("|---|---|---|---|")
+    for label, group in results.items():
+        cells = []
+        for key in ("knn_k20", "seg_miou", "seg_nn_miou"):
+            values = [r[key] for r in group]
+            each = " / ".join(f"{v:.3f}" for v in values)
+            mean = f" **{statistics.mean(values):.3f}**" if len(values) > 1 else ""
+            cells.append(f"{each}{mean} ({group[0]['random_' + key]:.3f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/distill_experiment")
@@ -108,7 +123,8 @@ def main() -> None:
     out = Path(args.out)
 
     teacher = Path(args.teacher) if args.teacher else out / "teacher"
-    train_once(args.teacher_preset, [f"run.dir={teacher}", "log.progress=false", *args.teacher_set])
+    if not args.teacher:
+        train_once(args.teacher_preset, [f"run.dir={teacher}", "log.progress=false", *args.teacher_set])
     runs = {"teacher": [teacher]}
     if args.heads_preset:
         heads = out / "teacher-heads"
@@ -136,17 +152,7 @@ def main() -> None:
         results["timing"] = {"students_s_per_step": both, **{f"{k}_alone_s_per_step": v for k, v in singles.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\nseeds {args.seeds}: each seed's value, their mean in bold; random init of the architecture in brackets")
-    print("| model | k-NN@20 | seg linear mIoU | seg NN mIoU |")
-    print("|---|---|---|---|")
-    for label in runs:
-        cells = []
-        for key in ("knn_k20", "seg_miou", "seg_nn_miou"):
-            values = [r[key] for r in results[label]]
-            each = " / ".join(f"{v:.3f}" for v in values)
-            mean = f" **{statistics.mean(values):.3f}**" if len(values) > 1 else ""
-            cells.append(f"{each}{mean} ({results[label][0]['random_' + key]:.3f})")
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print_table({label: results[label] for label in runs}, args.seeds)
     if args.timing_steps:
         separately = " + ".join(f"{v:.3f}" for v in singles.values())
         total = sum(singles.values())
