@@ -7,7 +7,8 @@
    from it in one run, and the same architectures pretrained by SSL from scratch
    (`configs/demo/pretrain.yaml`) for the same number of steps;
 3. k-NN (5,000 / 2,000 held-out scenes: its seed-to-seed spread is the larger one) and segmentation
-   (linear and nearest-neighbour, 1,000 / 500) of the teacher and every student, beside random init;
+   (linear and nearest-neighbour, 1,000 / 500) of the teacher and every student, beside random init, and
+   each student's k-NN difference to SSL from scratch with the same seed;
 4. time per step: the multi-student run against the single-student runs (teacher forward shared or not).
 
     python benchmarks/distill_experiment.py --out runs/distill_experiment
@@ -95,6 +96,21 @@ def print_table(results: dict[str, list[dict[str, float]]], seeds: list[int]) ->
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+def print_paired_knn(results: dict[str, list[dict[str, float]]], names: list[str]) -> None:
+    """Per student, the k-NN of the distilled run minus that of SSL from scratch with the same seed: the
+    seed-to-seed spread of each alone is larger than the difference."""
+    for name in names:
+        diffs = [
+            d["knn_k20"] - s["knn_k20"]
+            for d, s in zip(results[f"{name} distilled"], results[f"{name} SSL from scratch"], strict=True)
+        ]
+        spread = f", s.d. {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""
+        print(
+            f"{name}: k-NN distilled - SSL per seed {' / '.join(f'{d:+.3f}' for d in diffs)}; "
+            f"mean {statistics.mean(diffs):+.3f}{spread}; ahead on {sum(d > 0 for d in diffs)} of {len(diffs)}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/distill_experiment")
@@ -153,6 +169,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     print_table({label: results[label] for label in runs}, args.seeds)
+    print_paired_knn(results, list(students))
     if args.timing_steps:
         separately = " + ".join(f"{v:.3f}" for v in singles.values())
         total = sum(singles.values())

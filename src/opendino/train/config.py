@@ -142,8 +142,8 @@ class InitConfig:
     # continue pretraining from released / earlier weights, a file or a run folder (its EMA teacher), with fresh heads
     backbone: str | None = None
     # Not official: a shallower ViT takes only these blocks of `backbone` (default: the distillation
-    # teacher's), in this order; layer selection as in DistilBERT (Sanh et al. 2019), a student started
-    # from every other block of its teacher.
+    # teacher's), in this order; layer selection as in DistilBERT (Sanh et al. 2019). Consecutive blocks
+    # worked better than every other block at demo scale (docs/distillation.md).
     backbone_blocks: list[int] | None = None
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
     # Start a stage from an earlier run folder (its newest checkpoint):
