@@ -173,6 +173,9 @@ def test_a_student_starts_from_chosen_blocks_of_its_teacher(preset, teacher_run,
     cfg = load_train_config(preset, [f"run.dir={tmp_path / 'y'}", "distill.teacher=null", "loss.sinkhorn_iterations=0"])
     with pytest.raises(ValueError, match="needs a frozen distill.teacher"):
         Trainer(cfg).run()
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'z'}", "loss.sinkhorn_iterations=-1"])
+    with pytest.raises(ValueError, match="0 or more"):
+        Trainer(cfg).run()
 
 
 def test_fresh_heads_are_fitted_on_a_run_folders_frozen_backbone(preset, teacher_run, tmp_path):

@@ -262,10 +262,10 @@ class Member:
         """Student and teacher backbones from released or earlier weights (by default, with
         ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
         init, teacher = self.cfg.init, self.cfg.distill.teacher
-        if init.backbone and (Path(init.backbone) / "config.yaml").is_file():  # a run folder: its EMA teacher
-            name, state = init.backbone, load_distillation_teacher(init.backbone).backbone.state_dict()
-        elif init.backbone:
-            name, state = init.backbone, load_model(init.backbone).state_dict()
+        if init.backbone:
+            is_run = (Path(init.backbone) / "config.yaml").is_file()  # a run folder: its EMA teacher
+            model = load_distillation_teacher(init.backbone).backbone if is_run else load_model(init.backbone)
+            name, state = init.backbone, model.state_dict()
         elif teacher:
             name, state = f"distill.teacher={teacher}", load_distillation_teacher(teacher).backbone.state_dict()
         else:
@@ -391,6 +391,8 @@ class Trainer:
 
         if cfg.distill.teacher and cfg.gram.enabled:
             raise ValueError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
+        if cfg.loss.sinkhorn_iterations < 0:
+            raise ValueError(f"loss.sinkhorn_iterations={cfg.loss.sinkhorn_iterations}: 0 or more (official: 3)")
         if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
             raise ValueError(
                 "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
