@@ -30,8 +30,9 @@ def _deterministic_threads():
 
 
 def torchrun_train(preset: Path, run: Path, *overrides: str) -> None:
-    """``opendino train`` in 2 CPU processes under torchrun (gloo)."""
+    """``opendino train`` in 2 CPU processes under torchrun (gloo), each aborting if it reaches interpreter
+    teardown (tests/abort_at_exit.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "opendino", "train", str(preset), f"run.dir={run}", *overrides]
+    cmd += [str(REPO / "tests" / "abort_at_exit.py"), "train", str(preset), f"run.dir={run}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -136,6 +136,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from opendino.train.distributed import exit_finished_rank
     from opendino.train.trainer import Trainer
 
     cfg = _train_config(args)
@@ -145,6 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         folders = [run_dir / s["name"] for s in cfg.distill.students] or [run_dir]
         for folder in folders:
             print(f"finished: {folder} (model: {folder / 'teacher.safetensors'}, metrics: {folder / 'metrics.jsonl'})")
+    if trainer.env.world_size > 1:
+        exit_finished_rank(0)
     return 0
 
 
