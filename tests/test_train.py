@@ -241,14 +241,18 @@ def test_a_run_shorter_than_its_warmup_ends_inside_it():
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(preset, tmp_path):
+    # LayerScale 0.1: with the official 1e-5 all CLS tokens start nearly equal, and KoLeo's -log(distance)
+    # turns the float rounding of compiled kernels into a 1e-3 difference (its gradient norm is ~4e4).
+    kwargs = "model.kwargs={embed_dim: 32, depth: 2, num_heads: 2, layerscale_init: 0.1}"
     runs = {}
     for compiled in (False, True):
         run = tmp_path / f"compiled_{compiled}"
-        Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=3", f"train.compile={compiled}"])).run()
-        runs[compiled] = [r["loss"] for r in read_metrics(run)]
-    # The same first step; later ones drift apart by float rounding amplified through the updates.
-    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
-    assert runs[True] == pytest.approx(runs[False], rel=5e-2)
+        overrides = [f"run.dir={run}", "train.steps=3", f"train.compile={compiled}", kwargs]
+        Trainer(load_train_config(preset, overrides)).run()
+        runs[compiled] = read_metrics(run)
+    for eager, compiled in zip(runs[False], runs[True], strict=True):
+        for key in ("loss", "dino_local", "dino_global", "koleo", "ibot", "grad_norm_backbone"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4), (eager["step"], key)
 
 
 def test_gram_refresh_rule():
