@@ -164,6 +164,29 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
     assert main(["config", str(REPO / "configs" / "demo" / "pretrain.yaml"), "tran.steps=1"]) == 2
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.steps=-1", "train.steps=-1: must be 1 or more"),
+        ("train.batch_size=0", "train.batch_size=0: must be 1 or more"),
+        ("log.every=0", "log.every=0: must be 1 or more"),
+        ("checkpoint.every=0", "checkpoint.every=0: must be 1 or more"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be 0 or more"),
+        ("data.source=foo", "valid: folder, list, tar, synthetic"),
+        ("data.source=folder", "data.source=folder needs data.path"),
+        ("train.batch_size=[1", "expected int, got '[1'"),  # not YAML: taken as text, then type-checked
+        ("train=3", "train is a section, not a value"),
+    ],
+)
+def test_values_no_run_can_use_exit_2_before_anything_is_written(override, message, tmp_path, capsys):
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / "demo" / "pretrain.yaml"), f"run.dir={run}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_a_mapping_override_updates_its_section_and_a_list_replaces(capsys):
     from tests.conftest import REPO
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,14 @@ def test_list_and_tar_sources(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\n0.png,2\n1.png,5\n")
     src = open_source(tmp_path / "l.csv")
     assert isinstance(src, ListSource) and [src.label(i) for i in range(2)] == [2, 5]
+    (tmp_path / "named.csv").write_text("0.png,dog\n1.png,cat\n2.png\n")  # names numbered like folder classes
+    src = open_source(tmp_path / "named.csv")
+    assert src.classes == ["cat", "dog"] and [src.label(i) for i in range(3)] == [1, 0, -1]
+    _rgb(seed=9).save(tmp_path / "a,b.png")
+    (tmp_path / "l.txt").write_text("a,b.png\n\n 2.png\n")  # a .txt line is a whole path, commas included
+    src = open_source(tmp_path / "l.txt")
+    assert [Path(src.path(i)).name for i in range(2)] == ["a,b.png", "2.png"]
+    assert src.load(0) is not None and src.label(0) == -1
     with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
         for i in range(3):
             tar.add(tmp_path / f"{i}.png", arcname=f"sample{i}.png")

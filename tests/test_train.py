@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from opendino.cli import main
 from opendino.data.augment import CropConfig
@@ -25,6 +27,7 @@ from opendino.train.logging import read_metrics
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.step import train_step
 from opendino.train.trainer import Trainer, TrainingDiverged
+from tests.conftest import REPO
 
 TINY = {
     "data": {"source": "synthetic", "synthetic_n": 64, "synthetic_size": 48},
@@ -81,6 +84,27 @@ def test_a_run_writes_metrics_checkpoints_config_and_teacher(preset, tmp_path):
     assert any((run / "tb").iterdir())
     teacher = load_model(run / "teacher.safetensors")
     assert teacher.embed_dim == 32
+
+
+def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (48, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    bad = [folder / "empty.jpg", folder / "text.png"]
+    bad[0].write_bytes(b"")
+    bad[1].write_text("not an image")
+    run = tmp_path / "run"
+    preset = REPO / "configs" / "demo" / "pretrain.yaml"
+    small = ["train.batch_size=4", "train.steps=3", "log.every=1", "log.progress=false", "log.tensorboard=false"]
+    assert main(["train", str(preset), f"run.dir={run}", f"data.path={folder}", *small]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["path"] == str(folder)
+    # 12 draws cover the 8 files (an epoch visits each once): both bad ones were met, each named once
+    assert sorted((run / "skipped_images.txt").read_text().splitlines()) == sorted(map(str, bad))
+    err = capsys.readouterr().err
+    assert all(err.count(f"skipped unreadable image: {p} ") == 1 for p in bad)
+    assert read_metrics(run)[-1]["skipped_images"] >= 2
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_metrics(preset, tmp_path):

@@ -315,11 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser(
         "synth", help="write synthetic scenes with dense labels as an image folder (<split>/<class>/*.png)"
     )
-    q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=256)
-    q.add_argument("--size", type=int, default=128)
-    q.add_argument("--split", choices=("train", "val", "test"), default="train")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="the folder to write (<out>/<split>/<class>/...)")
+    q.add_argument("--n", type=int, default=256, help="number of scenes (default: %(default)s)")
+    q.add_argument("--size", type=int, default=128, help="image side in pixels, 16 or more (default: %(default)s)")
+    q.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="train",
+        help="splits never share scenes (default: %(default)s)",
+    )
+    q.add_argument("--seed", type=int, default=0, help="the world's seed: scenes follow from (seed, split, index)")
     q.add_argument("--pairs", action="store_true", help="also a second view and its correspondences")
     q.set_defaults(func=cmd_data)
 

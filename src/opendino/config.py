@@ -30,10 +30,10 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
 def apply_overrides(
     tree: dict, overrides: Iterable[str], allow_new: bool = False, values: frozenset[str] = frozenset()
 ) -> dict:
-    """A copy of ``tree`` with each ``a.b.c=value`` applied (values parsed as YAML; a mapping is merged into
-    the section it names, so ``model={arch: ..., kwargs: {...}}`` keeps the preset's other model keys;
-    mappings at the paths in ``values`` are replaced whole). Unknown keys are an error naming the closest
-    valid keys unless ``allow_new``."""
+    """A copy of ``tree`` with each ``a.b.c=value`` applied (values parsed as YAML, else taken as text; a
+    mapping is merged into the section it names, so ``model={arch: ..., kwargs: {...}}`` keeps the preset's
+    other model keys; mappings at the paths in ``values`` are replaced whole). Unknown keys are an error
+    naming the closest valid keys unless ``allow_new``."""
     tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -48,9 +48,15 @@ def apply_overrides(
                 hint = f"; closest valid keys: {', '.join(close)}" if close else ""
                 raise ConfigError(f"unknown config key {key!r}{hint}")
             if last:
-                value = yaml.safe_load(raw) if raw != "" else None
+                try:
+                    value = yaml.safe_load(raw) if raw != "" else None
+                except yaml.YAMLError:
+                    value = raw  # not YAML (a glob `*.tar`, a stray bracket): the text itself, type-checked below
+                section = isinstance(node.get(part), dict) and key not in values
+                if section and not isinstance(value, dict) and not allow_new:
+                    raise ConfigError(f"{key} is a section, not a value (in {item!r}); set its keys: {key}.KEY=...")
                 # a mapping updates a section (as a preset over its base does); anything else replaces
-                both = isinstance(value, dict) and isinstance(node.get(part), dict) and key not in values
+                both = isinstance(value, dict) and section
                 node[part] = merge(node[part], value, values, f"{key}.") if both else value
             else:
                 node = node.setdefault(part, {})

@@ -124,21 +124,30 @@ class FolderSource(ImageSource):
 
 
 class ListSource(ImageSource):
-    """A ``.txt`` (one path per line) or ``.csv`` (``path[,label]``, optional header) list; relative paths
-    are relative to the list's folder."""
+    """A ``.txt`` list (one path per line, taken whole) or a ``.csv`` list (``path[,label]``, optional header;
+    labels are integers, or class names numbered in sorted order as folder classes are); relative paths are
+    relative to the list's folder."""
 
     def __init__(self, list_file: str | Path) -> None:
         list_file = Path(list_file)
-        with list_file.open(newline="") as f:
-            rows = [row for row in csv.reader(f) if row and row[0].strip()]
-        if rows and Path(rows[0][0].strip()).suffix.lower() not in IMAGE_EXTENSIONS:
+        if list_file.suffix.lower() == ".csv":
+            with list_file.open(newline="") as f:
+                rows = [[cell.strip() for cell in row] for row in csv.reader(f) if row and row[0].strip()]
+        else:
+            rows = [[line.strip()] for line in list_file.read_text().splitlines() if line.strip()]
+        if rows and Path(rows[0][0]).suffix.lower() not in IMAGE_EXTENSIONS:
             rows = rows[1:]  # a header
+        labels = [row[1] if len(row) > 1 else "" for row in rows]
+        named = [x for x in labels if x]
+        classes = [] if all(x.lstrip("-").isdigit() for x in named) else sorted(set(named))
+        ids = {x: i for i, x in enumerate(classes)} if classes else {x: int(x) for x in named}
         records = []
-        for row in rows:
-            path = Path(row[0].strip())
+        for row, label in zip(rows, labels, strict=True):
+            path = Path(row[0])
             path = path if path.is_absolute() else list_file.parent / path
-            records.append((str(path), int(row[1]) if len(row) > 1 and row[1].strip() else -1))
+            records.append((str(path), ids[label] if label else -1))
         super().__init__(records, str(list_file))
+        self.classes = classes
 
 
 class TarShardSource(ImageSource):
@@ -197,6 +206,8 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
     """The source for ``path`` (kind auto-detected) or ``source="synthetic"``."""
     if source is not None and source not in SOURCES:
         raise ValueError(f"data.source={source!r}; valid: {', '.join(SOURCES)}")
+    if source == "synthetic" and path is not None:
+        raise ValueError(f"data.path={path} with data.source=synthetic: give one")
     if source == "synthetic" or (path is None and source is None):
         return SyntheticSource(**synthetic_kwargs)
     if path is None:

@@ -20,7 +20,7 @@ class RunConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str | None = None  # folder | list | tar | synthetic; None: detected from `path`
+    source: str | None = None  # folder | list | tar | synthetic; None: detected from `path` (none: synthetic)
     path: str | None = None  # an image folder, a file list (txt/csv) or a folder of tar shards
     synthetic_n: int = 100_000  # scenes in the synthetic training set
     synthetic_size: int = 128  # their rendering size in pixels
@@ -257,7 +257,48 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             tree["schedules"] = schedules
     tree = apply_overrides(tree, [o for o in overrides if not o.startswith("schedules.")], values=DICT_VALUES)
     tree = apply_overrides(tree, [o for o in overrides if o.startswith("schedules.")], allow_new=True)
-    return build(TrainConfig, tree)
+    cfg = build(TrainConfig, tree)
+    check_values(cfg)
+    return cfg
+
+
+# (key, smallest valid value): counts and periods that a run cannot use below it
+MINIMA = (
+    ("train.steps", 1),
+    ("train.batch_size", 1),
+    ("train.epoch_length", 1),
+    ("train.max_bad_steps", 1),
+    ("checkpoint.every", 1),
+    ("checkpoint.keep", 1),
+    ("log.every", 1),
+    ("monitor.every", 0),
+    ("data.num_workers", 0),
+    ("data.synthetic_n", 1),
+    ("loss.sinkhorn_iterations", 0),
+    ("init.head_warmup_steps", 0),
+)
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Values of the right type that no run can use are configuration errors (exit code 2), before any
+    file is written."""
+    for key, minimum in MINIMA:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key}={value}: must be {minimum} or more")
+    from opendino.data.sources import SOURCES
+
+    data = cfg.data
+    if data.source is not None and data.source not in SOURCES:
+        raise ConfigError(f"data.source={data.source!r}; valid: {', '.join(SOURCES)} (or null: from data.path)")
+    if data.source == "synthetic" and data.path is not None:
+        raise ConfigError(
+            f"data.path={data.path} with data.source=synthetic: give one "
+            "(data.source=null takes the kind from the path)"
+        )
+    if data.source not in (None, "synthetic") and data.path is None:
+        raise ConfigError(f"data.source={data.source} needs data.path")
 
 
 def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:

@@ -1,10 +1,15 @@
-"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars."""
+"""Run metrics: one JSON object per logged step in ``metrics.jsonl`` and TensorBoard scalars; the paths of
+unreadable images in ``skipped_images.txt``."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from collections.abc import Iterable
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 class MetricsLog:
@@ -36,6 +41,25 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class SkippedImagesLog:
+    """Names each unreadable image once, on stderr and as a line of ``skipped_images.txt`` in the run folder
+    (kept across resumes); the metrics count every time one is met."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "skipped_images.txt"
+        self.seen = set(self.path.read_text().splitlines()) if self.path.exists() else set()
+
+    def add(self, paths: Iterable[str]) -> None:
+        new = [p for p in dict.fromkeys(paths) if p not in self.seen]
+        if not new:
+            return
+        self.seen.update(new)
+        with self.path.open("a") as f:
+            f.writelines(p + "\n" for p in new)
+        for p in new:
+            tqdm.write(f"skipped unreadable image: {p} (listed in {self.path})", file=sys.stderr)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -47,7 +47,7 @@ from opendino.train.distributed import (
     mean_over_ranks,
     sum_over_ranks,
 )
-from opendino.train.logging import MetricsLog
+from opendino.train.logging import MetricsLog, SkippedImagesLog
 from opendino.train.monitor import DenseMonitor
 from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
 from opendino.train.parallel import parallelize, parallelize_frozen
@@ -342,10 +342,7 @@ class Trainer:
     def open_source(self) -> ImageSource:
         """The configured image source, checked to hold at least one readable image."""
         data = self.cfg.data
-        if data.source == "synthetic" or data.path is None:
-            source = open_source(source="synthetic", n=data.synthetic_n, size=data.synthetic_size)
-        else:
-            source = open_source(data.path, data.source)
+        source = open_source(data.path, data.source, n=data.synthetic_n, size=data.synthetic_size)
         source.check_readable()
         return source
 
@@ -391,8 +388,6 @@ class Trainer:
 
         if cfg.distill.teacher and cfg.gram.enabled:
             raise ValueError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
-        if cfg.loss.sinkhorn_iterations < 0:
-            raise ValueError(f"loss.sinkhorn_iterations={cfg.loss.sinkhorn_iterations}: 0 or more (official: 3)")
         if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
             raise ValueError(
                 "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
@@ -423,9 +418,12 @@ class Trainer:
             total=total, initial=start, desc="train", unit="step", disable=not (cfg.log.progress and env.is_main)
         )
         window_start, window_images = time.perf_counter(), 0
+        skipped_log = SkippedImagesLog(self.run_dir) if env.is_main else None
+        skipped: list[str] = []  # this rank's unreadable images since the last logging point
         try:
             for step in range(start, total):
                 batch = next(batches)
+                skipped += batch["skipped"]
                 teacher_logits = None
                 if teacher is not None:
                     teacher_logits = distillation_teacher_logits(
@@ -435,6 +433,10 @@ class Trainer:
                 window_images += batch["labels"].shape[0]
 
                 if (step + 1) % cfg.log.every == 0 or step + 1 == total:
+                    for rank_skipped in gather_objects(skipped):
+                        if skipped_log is not None:
+                            skipped_log.add(rank_skipped)
+                    skipped = []
                     now = time.perf_counter()
                     images_per_s = window_images * env.world_size / (now - window_start)
                     for member, result in zip(members, results, strict=True):
