@@ -84,6 +84,8 @@ def test_a_run_writes_metrics_checkpoints_config_and_teacher(preset, tmp_path):
     assert any((run / "tb").iterdir())
     teacher = load_model(run / "teacher.safetensors")
     assert teacher.embed_dim == 32
+    # readable like the other files of the run (safetensors alone writes 0600)
+    assert (run / "teacher.safetensors").stat().st_mode & 0o777 == (run / "config.yaml").stat().st_mode & 0o777
 
 
 def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once(tmp_path, capsys):

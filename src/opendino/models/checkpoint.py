@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -236,3 +237,7 @@ def save_model(model: nn.Module, path: str | Path, state: dict[str, Tensor] | No
     state = {k: v.detach().cpu().clone() for k, v in (model.state_dict() if state is None else state).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    # safetensors writes 0600; a model is shared like any other file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
