@@ -176,6 +176,10 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
         ("data.source=folder", "data.source=folder needs data.path"),
         ("train.batch_size=[1", "expected int, got '[1'"),  # not YAML: taken as text, then type-checked
         ("train=3", "train is a section, not a value"),
+        ("data.crops_on_device=true", "needs data.photometric_on_device=true"),
+        ("monitor.every=3", "must be a multiple of log.every"),
+        ("crops.resolution_sets=[[64, 32, 128]]", "need [global, local, Gram teacher, probability]"),
+        ("crops.resolution_sets=[[64, 32, 128, 0]]", "the probabilities (4th column) sum to 0"),
     ],
 )
 def test_values_no_run_can_use_exit_2_before_anything_is_written(override, message, tmp_path, capsys):

@@ -121,6 +121,17 @@ def test_list_and_tar_sources(tmp_path):
     assert torch.equal(shards.load(1), decode_image(tmp_path / "1.png")) and shards.label(2) == 2
     with pytest.raises(ValueError, match="valid: folder, list, tar, synthetic"):
         open_source(tmp_path, source="imagenet")
+    # tmp_path holds shards and images: ambiguous unless data.source says which
+    with pytest.raises(ValueError, match="set data.source=tar or data.source=folder"):
+        open_source(tmp_path)
+    assert isinstance(open_source(tmp_path, "tar"), TarShardSource) and len(open_source(tmp_path, "tar")) == 3
+    assert isinstance(open_source(tmp_path, "folder"), FolderSource)
+    assert isinstance(open_source(tmp_path / "shard-000.tar"), TarShardSource)
+    with pytest.raises(ValueError, match="needs a .txt or .csv file"):
+        open_source(tmp_path, "list")
+    (tmp_path / "no-shards").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .tar shards"):
+        open_source(tmp_path / "no-shards", "tar")
 
 
 def test_sampler_shards_ranks_like_one_big_batch_and_resumes():

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from opendino.models import load_model
-from opendino.train.config import load_train_config
+from opendino.train.config import ConfigError, load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
 from tests.conftest import torchrun_train
@@ -114,10 +114,17 @@ def test_koleo_groups_must_fit_the_batch(preset, tmp_path):
         Trainer(cfg).run()
 
 
-def test_unknown_parallel_modes_are_clear_errors(preset, tmp_path):
-    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'bad'}", "parallel.activation_checkpointing=some"])
-    with pytest.raises(ValueError, match="valid: none, selective, full"):
-        Trainer(cfg).run()
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("parallel.activation_checkpointing=some", "none, selective, full"),
+        ("parallel.data_parallel=zero3", "ddp, fsdp"),
+        ("parallel.param_dtype=fp16", "bf16, fp32"),
+    ],
+)
+def test_unknown_parallel_modes_are_clear_errors(preset, tmp_path, override, valid):
+    with pytest.raises(ConfigError, match=f"valid: {valid}"):
+        load_train_config(preset, [f"run.dir={tmp_path / 'bad'}", override])
 
 
 def test_submit_runs_one_task_per_rank(preset, single, tmp_path):

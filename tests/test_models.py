@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opendino.models import MODELS, ConvNeXt, DinoVisionTransformer, build_model, get_spec
+from opendino.models import MODELS, ConvNeXt, DinoVisionTransformer, build_model, get_spec, load_model
 from opendino.models.registry import UnknownModelError
 from opendino.models.vit import drop_path_subsets, swiglu_hidden_dim
 
@@ -62,9 +62,13 @@ def test_every_named_model_knows_its_normalisation():
     assert all(len(spec.mean) == 3 and len(spec.std) == 3 for spec in MODELS.values())
 
 
-def test_unknown_model_name_suggests_close_names():
+def test_unknown_model_name_suggests_close_names(tmp_path):
     with pytest.raises(UnknownModelError, match="vits16"):
         build_model("vit16s")
+    with pytest.raises(UnknownModelError, match="vits16"):
+        load_model("vit16s")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):  # a path, not a name
+        load_model(tmp_path / "teacher.safetensors")
 
 
 def test_custom_size_overrides():

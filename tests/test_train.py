@@ -109,6 +109,17 @@ def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once
     assert read_metrics(run)[-1]["skipped_images"] >= 2
 
 
+def test_a_resume_names_changed_settings_and_a_finished_run_says_nothing_ran(preset, tmp_path, capsys):
+    run = [str(preset), f"run.dir={tmp_path / 'run'}", "checkpoint.every=1"]
+    assert main(["train", *run, "train.steps=2"]) == 0
+    assert main(["train", *run, "train.steps=2"]) == 0
+    assert "nothing to run" in capsys.readouterr().out
+    assert main(["train", *run, "train.steps=3", "train.seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "train.seed: 0 -> 7" in out and "train.steps" not in out.split("warning")[1]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
 def test_kill_9_then_resume_gives_the_uninterrupted_metrics(preset, tmp_path):
     reference = tmp_path / "reference"
     Trainer(load_train_config(preset, [f"run.dir={reference}"])).run()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import os
 import tarfile
 import warnings
 from collections.abc import Sequence
@@ -203,7 +202,8 @@ SOURCES = ("folder", "list", "tar", "synthetic")
 
 
 def open_source(path: str | Path | None = None, source: str | None = None, **synthetic_kwargs) -> ImageSource:
-    """The source for ``path`` (kind auto-detected) or ``source="synthetic"``."""
+    """The source for ``path``, of kind ``source`` (``folder``, ``list``, ``tar``) or, without it, the kind the
+    path shows; ``source="synthetic"`` (or no path) is the embedded world."""
     if source is not None and source not in SOURCES:
         raise ValueError(f"data.source={source!r}; valid: {', '.join(SOURCES)}")
     if source == "synthetic" and path is not None:
@@ -212,23 +212,34 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
         return SyntheticSource(**synthetic_kwargs)
     if path is None:
         raise ValueError(f"data.source={source!r} needs data.path")
-    text = str(path)
-    if any(ch in text for ch in "*?[") or text.endswith(".tar"):
-        shards = sorted(glob.glob(text)) if not os.path.isfile(text) else [text]
+    text, p = str(path), Path(path)
+    if not p.exists():  # a glob of shards (a path that exists is taken as it is, brackets and all)
+        shards = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else []
         if not shards:
-            raise FileNotFoundError(f"{path}: no tar shards match")
+            raise FileNotFoundError(f"{path}: no such file or folder, and no tar shards match")
+        if source not in (None, "tar"):
+            raise ValueError(f"data.path={path} is a glob of tar shards, not a {source}")
         return TarShardSource(shards)
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or folder")
     if p.is_dir():
         shards = sorted(p.glob("*.tar"))
-        if shards and source in (None, "tar") and not any(is_image(q) for q in p.iterdir()):
+        if source == "tar" or (source is None and shards and not any(is_image(q) for q in p.iterdir())):
+            if not shards:
+                raise FileNotFoundError(f"{p}: data.source=tar but the folder holds no .tar shards")
             return TarShardSource(shards)
+        if source is None and shards:
+            raise ValueError(f"{p} holds both .tar shards and images: set data.source=tar or data.source=folder")
+        if source == "list":
+            raise ValueError(f"data.source=list needs a .txt or .csv file, not the folder {p}")
         return FolderSource(p)
-    if p.suffix.lower() in LIST_EXTENSIONS:
+    if source == "folder":
+        raise ValueError(f"data.source=folder needs a folder, not the file {p}")
+    if p.suffix.lower() == ".tar" and source in (None, "tar"):
+        return TarShardSource([p])
+    if p.suffix.lower() in LIST_EXTENSIONS and source in (None, "list"):
         return ListSource(p)
-    if is_image(p):
+    if source == "list":
+        raise ValueError(f"data.source=list needs a .txt or .csv file, not {p}")
+    if source is None and is_image(p):
         return ImageSource([(str(p), -1)], str(p))
     raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv list or .tar shards")
 

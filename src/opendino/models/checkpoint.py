@@ -205,7 +205,9 @@ def load_model(
     if weights is not None:
         raise CheckpointError(f"give weights either as the source ({path}) or with weights=, not both")
     if not path.exists():
-        get_spec(str(source))  # raises with the known names and close matches
+        if "/" in str(source) or path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        get_spec(str(source))  # a name: raises with the known names and close matches
     state, meta = read_checkpoint(path)
     if meta is not None:
         model = create(meta["family"], meta["kwargs"], device="meta")

@@ -262,6 +262,11 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return cfg
 
 
+PARALLEL_CHOICES = {
+    "data_parallel": ("ddp", "fsdp"),
+    "activation_checkpointing": ("none", "selective", "full"),
+    "param_dtype": ("bf16", "fp32"),
+}
 # (key, smallest valid value): counts and periods that a run cannot use below it
 MINIMA = (
     ("train.steps", 1),
@@ -274,6 +279,7 @@ MINIMA = (
     ("monitor.every", 0),
     ("data.num_workers", 0),
     ("data.synthetic_n", 1),
+    ("data.max_image_side", 1),
     ("loss.sinkhorn_iterations", 0),
     ("init.head_warmup_steps", 0),
 )
@@ -299,6 +305,23 @@ def check_values(cfg: TrainConfig) -> None:
         )
     if data.source not in (None, "synthetic") and data.path is None:
         raise ConfigError(f"data.source={data.source} needs data.path")
+    if data.crops_on_device and not data.photometric_on_device:
+        raise ConfigError(
+            "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"
+        )
+    for key, valid in PARALLEL_CHOICES.items():
+        value = getattr(cfg.parallel, key)
+        if value not in valid:
+            raise ConfigError(f"parallel.{key}={value!r}; valid: {', '.join(valid)}")
+    if cfg.monitor.every % cfg.log.every:
+        raise ConfigError(f"monitor.every={cfg.monitor.every} must be a multiple of log.every={cfg.log.every}")
+    for row in cfg.crops.resolution_sets:
+        if len(row) != 4 or any(not isinstance(v, (int, float)) or v < 0 for v in row):
+            raise ConfigError(
+                f"crops.resolution_sets row {row}: need [global, local, Gram teacher, probability], none negative"
+            )
+    if cfg.crops.resolution_sets and not sum(row[3] for row in cfg.crops.resolution_sets) > 0:
+        raise ConfigError("crops.resolution_sets: the probabilities (4th column) sum to 0")
 
 
 def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:

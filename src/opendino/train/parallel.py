@@ -38,11 +38,10 @@ def _blocks(backbone: nn.Module) -> list[nn.Module]:
 
 
 def apply_activation_checkpointing(recipe: nn.Module, mode: str) -> None:
-    """``full``: every block recomputes its forward in the backward; ``selective``: only the cheap ops do."""
+    """``full``: every block recomputes its forward in the backward; ``selective``: only the cheap ops do;
+    ``none`` (the modes are checked with the configuration)."""
     if mode == "none":
         return
-    if mode not in ("full", "selective"):
-        raise ValueError(f"parallel.activation_checkpointing={mode!r}; valid: none, selective, full")
     kwargs = {} if mode == "full" else {"context_fn": lambda: create_selective_checkpoint_contexts(_save_expensive)}
     for block in _blocks(recipe.student.backbone):  # only the student keeps activations for a backward
         checkpoint(block, **kwargs)
@@ -71,8 +70,6 @@ def _compile(model: nn.Module, heads: bool = True) -> None:
 
 def _precision(cfg: ParallelConfig) -> MixedPrecisionPolicy:
     """FSDP2 compute in ``parallel.param_dtype``, gradients reduced in fp32."""
-    if cfg.param_dtype not in ("bf16", "fp32"):
-        raise ValueError(f"parallel.param_dtype={cfg.param_dtype!r}; valid: bf16, fp32")
     bf16 = cfg.param_dtype == "bf16"
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
 
@@ -92,8 +89,6 @@ def apply_data_parallel(recipe: nn.Module, cfg: ParallelConfig, device: torch.de
     if cfg.data_parallel == "ddp":
         replicate(recipe.student, device_ids=[device.index] if device.type == "cuda" else None)
         return
-    if cfg.data_parallel != "fsdp":
-        raise ValueError(f"parallel.data_parallel={cfg.data_parallel!r}; valid: ddp, fsdp")
     policy = _precision(cfg)
     for model in (recipe.student, recipe.teacher):
         _fully_shard(model, model.backbone, policy)

@@ -65,6 +65,22 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+# Settings a resumed run may change without changing what it computes.
+FREE_ON_RESUME = ("run.", "train.steps", "train.device", "log.", "checkpoint.", "data.num_workers", "monitor.")
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs, other than those of FREE_ON_RESUME."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        name, old, new = f"{prefix}{key}", before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{name}.")
+        elif old != new and not name.startswith(FREE_ON_RESUME):
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
+
+
 class Member:
     """One trained network of a run: its recipe (student, EMA, heads), optimizer, schedules, run folder,
     metrics and checkpoints. A run has one; multi-student distillation has one per student, all fed the
@@ -83,8 +99,10 @@ class Member:
         the config says); returns the first step to run."""
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = self.run_dir / "config.yaml"
+        previous = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.recipe = recipe = SSLRecipe(cfg)
         # Weights are restored into the plain modules, before any wrapping; the optimizer state after it.
@@ -97,6 +115,9 @@ class Member:
             start, self.bad_steps, self.skipped = resume_step + 1, state["bad_steps"], state["skipped_images"]
             if env.is_main:
                 print(f"resuming {self.run_dir} after step {resume_step}")
+                changed = changed_settings(previous or {}, to_dict(cfg))
+                if changed:
+                    print(f"warning: resumed with settings changed since the last start: {', '.join(changed)}")
         elif cfg.init.from_run:
             start, optimizer_state = self._init_from_run()
         elif cfg.init.backbone or cfg.init.backbone_blocks is not None:
@@ -310,8 +331,6 @@ class Trainer:
         rows = c.resolution_sets or [[c.global_size, c.local_size, c.global_size * gram.crop_scale, 1.0]]
         sets = []
         for row in rows:
-            if len(row) != 4:
-                raise ValueError(f"crops.resolution_sets row {row}: need [global, local, Gram teacher, probability]")
             sets.append(
                 CropConfig(
                     int(row[0]),
@@ -398,6 +417,8 @@ class Trainer:
         if len(start) != 1:
             raise ValueError(f"the students would start at different steps {sorted(start)}: check init.*")
         start = start.pop()
+        if start >= cfg.total_steps and env.is_main:
+            print(f"nothing to run: {self.run_dir} already holds step {start - 1} (train.steps={cfg.total_steps})")
         teacher = None
         if cfg.distill.teacher:
             teacher = load_distillation_teacher(cfg.distill.teacher, *(m.recipe.student for m in members))
@@ -408,8 +429,6 @@ class Trainer:
         batches = self.device_batches(source, start, getattr(patch_owner.backbone, "patch_size", 16))
         monitor = None
         if cfg.monitor.every:
-            if cfg.monitor.every % cfg.log.every:
-                raise ValueError(f"monitor.every={cfg.monitor.every} must be a multiple of log.every={cfg.log.every}")
             patch = getattr(members[0].recipe.teacher.backbone, "patch_size", 16)
             size = cfg.monitor.size or cfg.crops.global_size
             monitor = DenseMonitor(size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval)
