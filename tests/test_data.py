@@ -153,6 +153,8 @@ def test_crop_set_choice_is_shared_by_ranks_and_follows_probabilities():
     assert choices == [b.crop_set_at(s) for s in range(4000)]
     freq = np.bincount(choices, minlength=5) / 4000
     assert np.allclose(freq, probs, atol=0.03)
+    other_seed = StepBatchSampler(10, 2, crop_set_probs=probs, seed=1)
+    assert [other_seed.crop_set_at(s) for s in range(4000)] != choices  # the sequence follows train.seed
 
 
 def test_bad_images_are_replaced_deterministically_and_reported(messy_folder):

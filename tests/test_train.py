@@ -330,7 +330,7 @@ def test_three_stage_chain_pretrain_gram_hires(preset, tmp_path):
         f"init.from_run={s2}",
         "init.from_mode=teacher",
         "gram.enabled=true",
-        f"gram.checkpoint={s2 / 'teacher.safetensors'}",
+        f"gram.checkpoint={s2}",  # a run folder: its newest EMA teacher (= its exported teacher.safetensors)
         "crops.resolution_sets=[[32,16,48,0.5],[48,16,64,0.5]]",
         "train.steps=4",
     ]

@@ -7,7 +7,7 @@ sample carries its own seed derived from ``(seed, position)``, so the crops of a
 the number of workers or ranks, and resuming at step ``s`` needs only ``s``.
 
 With several crop-size sets (high-resolution adaptation) one set is chosen per step from the same
-probabilities on every rank, seeded by ``(65537, step)``, so a step is homogeneous across the job.
+probabilities on every rank, seeded by ``(seed, step)``, so a step is homogeneous across the job.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
     def crop_set_at(self, step: int) -> int:
         if len(self.crop_set_probs) == 1:
             return 0
-        return int(np.random.default_rng([65537, step]).choice(len(self.crop_set_probs), p=self.crop_set_probs))
+        rng = np.random.default_rng(_seed(self.seed, 3, step))
+        return int(rng.choice(len(self.crop_set_probs), p=self.crop_set_probs))
 
     def batch_at(self, step: int) -> list[SampleRef]:
         start = (step * self.world_size + self.rank) * self.batch_size

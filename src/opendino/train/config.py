@@ -160,7 +160,7 @@ class GramConfig:
 
     enabled: bool = False
     loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
-    checkpoint: str | None = None  # the Gram teacher's backbone; default: the EMA teacher at the start
+    checkpoint: str | None = None  # the Gram teacher: a backbone file or run folder; default: the EMA teacher
     refresh_from: int | None = None  # copy the EMA teacher into the Gram teacher at this step ...
     refresh_every: int = 0  # ... and every k steps after it ...
     max_refreshes: int = 1  # ... this many times in all

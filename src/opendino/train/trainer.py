@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -124,7 +124,7 @@ class Member:
             self._init_backbone()
         if resumed is None and recipe.gram_teacher is not None:
             if cfg.gram.checkpoint:
-                recipe.gram_teacher.load_state_dict(load_model(cfg.gram.checkpoint).state_dict())
+                recipe.gram_teacher.load_state_dict(load_backbone(cfg.gram.checkpoint).state_dict())
             else:
                 recipe.refresh_gram_teacher()  # the EMA teacher at the start of the run
         self._seed_rank(rng, start)
@@ -284,9 +284,7 @@ class Member:
         ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
         init, teacher = self.cfg.init, self.cfg.distill.teacher
         if init.backbone:
-            is_run = (Path(init.backbone) / "config.yaml").is_file()  # a run folder: its EMA teacher
-            model = load_distillation_teacher(init.backbone).backbone if is_run else load_model(init.backbone)
-            name, state = init.backbone, model.state_dict()
+            name, state = init.backbone, load_backbone(init.backbone).state_dict()
         elif teacher:
             name, state = f"distill.teacher={teacher}", load_distillation_teacher(teacher).backbone.state_dict()
         else:
@@ -300,6 +298,13 @@ class Member:
                     f"{name} does not fit model.arch={self.cfg.model.arch}: "
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
+
+
+def load_backbone(source: str) -> nn.Module:
+    """A backbone from a checkpoint file or a model name, or from a run folder (its newest EMA teacher)."""
+    if (Path(source) / "config.yaml").is_file():
+        return load_distillation_teacher(source).backbone
+    return load_model(source)
 
 
 def select_blocks(state: dict[str, Tensor], blocks: list[int], source: str) -> dict[str, Tensor]:
