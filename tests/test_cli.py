@@ -180,6 +180,8 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
         ("monitor.every=3", "must be a multiple of log.every"),
         ("crops.resolution_sets=[[64, 32, 128]]", "need [global, local, Gram teacher, probability]"),
         ("crops.resolution_sets=[[64, 32, 128, 0]]", "the probabilities (4th column) sum to 0"),
+        ("optim.scaling_rule=sqrt", "valid: sqrt_wrt_1024, linear_wrt_256, none"),
+        ("init.from_mode=resume", "valid: continue, teacher"),
     ],
 )
 def test_values_no_run_can_use_exit_2_before_anything_is_written(override, message, tmp_path, capsys):
@@ -205,3 +207,7 @@ def test_a_mapping_override_updates_its_section_and_a_list_replaces(capsys):
     assert resolved["crops"]["global_scale"] == [0.5, 1.0]
     assert main(["config", preset, 'model={"kwrgs": {}}']) == 2
     assert "model.kwargs" in capsys.readouterr().err
+    # constructor arguments are free-form: a dotted override adds one and keeps the preset's others
+    assert main(["config", preset, "model.kwargs.mask_k_bias=true"]) == 0
+    kwargs = yaml.safe_load(capsys.readouterr().out)["model"]["kwargs"]
+    assert kwargs == {**model["kwargs"], "mask_k_bias": True}

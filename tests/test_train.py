@@ -109,6 +109,15 @@ def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once
     assert read_metrics(run)[-1]["skipped_images"] >= 2
 
 
+def test_steps_past_the_end_of_the_schedules_are_a_warning(preset, tmp_path, capsys):
+    args = ["train", str(preset), f"run.dir={tmp_path / 'run'}", "optim.epochs=1", "train.epoch_length=2"]
+    assert main([*args, "train.steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert "runs past the end of the schedules (optim.epochs=1 x train.epoch_length=2 = 2 steps)" in out
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run")]
+    assert lrs[1] == lrs[2] == lrs[3] != lrs[0]  # held at the schedule's last value
+
+
 def test_a_resume_names_changed_settings_and_a_finished_run_says_nothing_ran(preset, tmp_path, capsys):
     run = [str(preset), f"run.dir={tmp_path / 'run'}", "checkpoint.every=1"]
     assert main(["train", *run, "train.steps=2"]) == 0
@@ -153,7 +162,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(preset, tmp_path, monke
     monkeypatch.setattr(SSLRecipe, "forward", sometimes_nan)
     run = tmp_path / "nan"
     cfg = load_train_config(preset, [f"run.dir={run}", "train.max_bad_steps=3"])
-    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite losses.*step_00000003.pt, is intact"):
         Trainer(cfg).run()
     records = read_metrics(run)
     skipped = [r["step"] for r in records if r.get("skipped_step")]

@@ -271,7 +271,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opendino", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="opendino",
+        description="OpenDINO: train, distil, evaluate and use DINOv3-style models. "
+        + " ".join(__doc__.split("\n\n")[1].split()).replace("``", "`"),
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the named architectures and their official checkpoint files")
@@ -385,13 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="run folder, checkpoint file or registered name")
     p.add_argument("--data", default="synthetic", help="synthetic, or DIR with train/<class>/ and val/<class>/")
-    p.add_argument("--tasks", default="knn,linear,logreg,seg,depth,corr", help="comma-separated subset")
+    p.add_argument(
+        "--tasks",
+        default="knn,linear,logreg,seg,depth,corr",
+        help="comma-separated subset of knn, linear, logreg, seg, depth, corr (default: all)",
+    )
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the run's global crop)")
-    p.add_argument("--n-train", type=int, default=1000, help="synthetic training scenes")
-    p.add_argument("--n-val", type=int, default=500, help="synthetic validation scenes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=1000, help="synthetic training scenes (default: %(default)s)")
+    p.add_argument("--n-val", type=int, default=500, help="synthetic validation scenes (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

@@ -43,7 +43,9 @@ def apply_overrides(
         parts = key.split(".")
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            if part not in node and not allow_new:
+            # below a free-form mapping (``values``, e.g. constructor arguments) any key may be added
+            free = allow_new or ".".join(parts[:i]) in values
+            if part not in node and not free:
                 close = difflib.get_close_matches(key, _flat_keys(tree), n=3, cutoff=0.5)
                 hint = f"; closest valid keys: {', '.join(close)}" if close else ""
                 raise ConfigError(f"unknown config key {key!r}{hint}")
@@ -53,7 +55,7 @@ def apply_overrides(
                 except yaml.YAMLError:
                     value = raw  # not YAML (a glob `*.tar`, a stray bracket): the text itself, type-checked below
                 section = isinstance(node.get(part), dict) and key not in values
-                if section and not isinstance(value, dict) and not allow_new:
+                if section and not isinstance(value, dict) and not free:
                     raise ConfigError(f"{key} is a section, not a value (in {item!r}); set its keys: {key}.KEY=...")
                 # a mapping updates a section (as a preset over its base does); anything else replaces
                 both = isinstance(value, dict) and section

@@ -7,8 +7,9 @@
 3. evaluates the final teacher against a random-initialised model of the same architecture with the
    whole evaluation suite (``opendino eval``: k-NN, linear, logistic regression, segmentation, depth,
    correspondence) on held-out synthetic scenes, with the report and pictures in ``<out>/eval``;
-4. checks interoperability: the trained backbone reloads from safetensors, and its weights give the same
-   features in timm and Hugging Face transformers (ViT-S/16 geometry with the same code paths).
+4. checks interoperability: a released-architecture ViT-S/16 (random weights) gives the same features in
+   timm and Hugging Face transformers as here (the trained demo model has an unmasked key bias, as the
+   official training default, which those layouts cannot hold: docs/models.md).
 """
 
 from __future__ import annotations

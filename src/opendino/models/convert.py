@@ -87,7 +87,11 @@ def _check_representable(state: Mapping[str, Tensor], layout: str) -> None:
     bias = next((v for k, v in state.items() if k.endswith("attn.qkv.bias")), None)
     if bias is not None and "blocks.0.attn.qkv.bias_mask" not in state:
         if bias.view(3, -1)[1].abs().max() > 0:
-            raise ConversionError(f"the {layout} layout has no key bias, and this model's key bias is not zero")
+            raise ConversionError(
+                f"the {layout} layout has no key bias, and this model's key bias is not zero (trained without "
+                "the masked key bias, as the official training default; train with "
+                "model.kwargs.mask_k_bias=true to export to timm or transformers)"
+            )
 
 
 def to_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from opendino.config import ConfigError, apply_overrides, build, load_yaml, merge, to_dict
-from opendino.train.schedules import ScheduleSpec
+from opendino.train.schedules import SCALING_RULES, ScheduleSpec
 
 
 @dataclasses.dataclass
@@ -42,9 +42,9 @@ class ModelConfig:
 @dataclasses.dataclass
 class HeadConfig:
     prototypes: int = 65536  # K, the number of prototypes (the output size)
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
+    hidden_dim: int = 2048  # width of the MLP's hidden layers
+    bottleneck_dim: int = 256  # the L2-normalised bottleneck before the prototypes
+    nlayers: int = 3  # linear layers of the MLP, the last one projecting to the bottleneck
     last_layer_std: float = 0.02  # the official init; larger helps tiny, short runs (see docs/training.md)
 
 
@@ -55,9 +55,9 @@ class CropsConfig:
     n_local: int = 8  # local crops per image (2 global crops always)
     global_scale: tuple[float, ...] = (0.32, 1.0)  # RandomResizedCrop area range
     local_scale: tuple[float, ...] = (0.05, 0.32)  # RandomResizedCrop area range
-    horizontal_flips: bool = True
+    horizontal_flips: bool = True  # random horizontal flips of every crop (p = 0.5)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # normalisation (satellite models use their own)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)  # normalisation, with mean
     # High-resolution adaptation (recipe.md §4.4): rows of [global, local, Gram teacher, probability]; one
     # row is drawn per step (the same on every rank). Empty: the single set above.
     resolution_sets: list[list[float]] = dataclasses.field(default_factory=list)
@@ -69,11 +69,11 @@ class CropsConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    dino_weight: float = 1.0
-    koleo_weight: float = 0.1
-    ibot_weight: float = 1.0
-    global_ignore_diagonal: bool = True
-    student_temp: float = 0.1
+    dino_weight: float = 1.0  # weight of the DINO (CLS) loss
+    koleo_weight: float = 0.1  # weight of the KoLeo spreading term on the CLS tokens
+    ibot_weight: float = 1.0  # weight of the iBOT (masked patch) loss
+    global_ignore_diagonal: bool = True  # a global crop is not its own DINO target
+    student_temp: float = 0.1  # softmax temperature of the student's logits
     # 0: no centring, the teacher's own softmax (not official; for a frozen distillation teacher only)
     sinkhorn_iterations: int = 3
     mask_ratio: tuple[float, ...] = (0.1, 0.5)  # iBOT: masked share of tokens, spread over the masked crops
@@ -87,12 +87,12 @@ class LossConfig:
 @dataclasses.dataclass
 class OptimConfig:
     epochs: float = 100  # schedule length in epochs of `train.epoch_length` steps
-    scaling_rule: str = "sqrt_wrt_1024"  # lr x sqrt(global batch / 1024); or linear_wrt_256, none
+    scaling_rule: str = "sqrt_wrt_1024"  # lr x 4 sqrt(global batch / 1024); or linear_wrt_256 (x batch/256), none
     clip_grad: float = 3.0  # per submodule (backbone, DINO head, iBOT head)
     layerwise_decay: float = 0.9  # lr x decay^(depth - layer)
-    patch_embed_lr_mult: float = 0.2
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.999
+    patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
+    adamw_beta1: float = 0.9  # AdamW first-moment decay
+    adamw_beta2: float = 0.999  # AdamW second-moment decay (0.99 for the 7B)
 
 
 def _default_schedules() -> dict[str, ScheduleSpec]:
@@ -133,8 +133,8 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LogConfig:
     every: int = 10  # steps
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # also write the metrics as TensorBoard scalars in tb/
+    progress: bool = True  # a progress bar with ETA (on a terminal, rank 0)
 
 
 @dataclasses.dataclass
@@ -151,14 +151,14 @@ class InitConfig:
     #   teacher: student and EMA teacher both start from its EMA teacher with heads, fresh optimizer and
     #            schedule (high-resolution adaptation).
     from_run: str | None = None
-    from_mode: str = "continue"
+    from_mode: str = "continue"  # continue | teacher (above)
 
 
 @dataclasses.dataclass
 class GramConfig:
     """Gram anchoring (recipe.md §2.6, §4.3): a frozen Gram teacher, its crops and the refresh rule."""
 
-    enabled: bool = False
+    enabled: bool = False  # add the Gram anchoring loss (a stage of its own, recipe.md §2.6)
     loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
     checkpoint: str | None = None  # the Gram teacher: a backbone file or run folder; default: the EMA teacher
     refresh_from: int | None = None  # copy the EMA teacher into the Gram teacher at this step ...
@@ -166,10 +166,10 @@ class GramConfig:
     max_refreshes: int = 1  # ... this many times in all
     crop_scale: float = 2.0  # Gram-teacher crops at this multiple of the global crop size
     no_distortions: bool = True  # its crops without photometric distortion
-    img_level: bool = True
-    normalized: bool = True
-    remove_neg: bool = False
-    remove_only_teacher_neg: bool = False
+    img_level: bool = True  # one N x N Gram per image; false: one over all tokens of the batch
+    normalized: bool = True  # L2-normalise patch features before the Gram matrices
+    remove_neg: bool = False  # zero the negative entries of both Gram matrices
+    remove_only_teacher_neg: bool = False  # zero the negative entries of the teacher's Gram only
 
     def refreshes_at(self, step: int) -> bool:
         if self.refresh_from is None or step < self.refresh_from:
@@ -201,8 +201,8 @@ class MonitorConfig:
     """The dense-quality monitor (``opendino.train.monitor``) on held-out synthetic scenes."""
 
     every: int = 0  # steps; 0 = off; a multiple of log.every (its values join that step's record)
-    n_fit: int = 256
-    n_eval: int = 128
+    n_fit: int = 256  # synthetic scenes the monitor's probes are fitted on
+    n_eval: int = 128  # held-out scenes they are scored on
     size: int | None = None  # default: the global crop size
 
 
@@ -309,6 +309,10 @@ def check_values(cfg: TrainConfig) -> None:
         raise ConfigError(
             "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"
         )
+    if cfg.init.from_mode not in ("continue", "teacher"):
+        raise ConfigError(f"init.from_mode={cfg.init.from_mode!r}; valid: continue, teacher")
+    if cfg.optim.scaling_rule not in SCALING_RULES:
+        raise ConfigError(f"optim.scaling_rule={cfg.optim.scaling_rule!r}; valid: {', '.join(SCALING_RULES)}")
     for key, valid in PARALLEL_CHOICES.items():
         value = getattr(cfg.parallel, key)
         if value not in valid:

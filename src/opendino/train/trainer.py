@@ -37,7 +37,7 @@ from opendino.data.sources import ImageSource, open_source
 from opendino.models import load_model, save_model
 from opendino.recipes.distill import distillation_teacher_logits, load_distillation_teacher
 from opendino.recipes.ssl import SSLRecipe
-from opendino.train.checkpoint import common_steps, load_latest, save_checkpoint
+from opendino.train.checkpoint import common_steps, list_checkpoints, load_latest, save_checkpoint
 from opendino.train.config import TrainConfig, student_configs
 from opendino.train.distributed import (
     DistributedEnv,
@@ -195,10 +195,11 @@ class Member:
             if not good and self.log is not None:
                 self.log.log({"step": s, "skipped_step": True, "loss": float("nan"), "bad_steps": self.bad_steps})
             if self.bad_steps >= self.cfg.train.max_bad_steps:
+                newest = list_checkpoints(self.ckpt_dir)
+                kept = f"the newest checkpoint, {newest[-1][1]}, is intact" if newest else "no checkpoint was written"
                 raise TrainingDiverged(
                     f"{self.bad_steps} consecutive non-finite losses (last at step {s}); the weights were not "
-                    f"updated by them and the last checkpoint in {self.ckpt_dir} is intact. Lower the "
-                    "learning rate or check the data."
+                    f"updated by them and {kept}. Lower the learning rate or check the data."
                 )
         self.pending.clear()
         return all(flags)
@@ -285,6 +286,8 @@ class Member:
         init, teacher = self.cfg.init, self.cfg.distill.teacher
         if init.backbone:
             name, state = init.backbone, load_backbone(init.backbone).state_dict()
+            if self.env.is_main:
+                print(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
         elif teacher:
             name, state = f"distill.teacher={teacher}", load_distillation_teacher(teacher).backbone.state_dict()
         else:
@@ -422,8 +425,16 @@ class Trainer:
         if len(start) != 1:
             raise ValueError(f"the students would start at different steps {sorted(start)}: check init.*")
         start = start.pop()
+        schedule_end = round(cfg.optim.epochs * cfg.train.epoch_length)
+        if cfg.total_steps > schedule_end and env.is_main:
+            print(
+                f"warning: train.steps={cfg.total_steps} runs past the end of the schedules (optim.epochs="
+                f"{cfg.optim.epochs:g} x train.epoch_length={cfg.train.epoch_length} = {schedule_end} steps): later "
+                "steps keep their end values (lr at its end, momentum at its end: the teacher may stop moving); "
+                "lengthen a run with optim.epochs"
+            )
         if start >= cfg.total_steps and env.is_main:
-            print(f"nothing to run: {self.run_dir} already holds step {start - 1} (train.steps={cfg.total_steps})")
+            print(f"nothing to run: {self.run_dir} already holds steps 0-{start - 1} (train.steps={cfg.total_steps})")
         teacher = None
         if cfg.distill.teacher:
             teacher = load_distillation_teacher(cfg.distill.teacher, *(m.recipe.student for m in members))
@@ -439,7 +450,12 @@ class Trainer:
             monitor = DenseMonitor(size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval)
         total = cfg.total_steps
         bar = tqdm(
-            total=total, initial=start, desc="train", unit="step", disable=not (cfg.log.progress and env.is_main)
+            total=total,
+            initial=start,
+            desc="train",
+            unit="step",
+            # None: shown on a terminal only, so no carriage-return bars end up in log files
+            disable=None if cfg.log.progress and env.is_main else True,
         )
         window_start, window_images = time.perf_counter(), 0
         skipped_log = SkippedImagesLog(self.run_dir) if env.is_main else None
