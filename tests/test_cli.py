@@ -181,6 +181,7 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
         ("crops.resolution_sets=[[64, 32, 128]]", "need [global, local, Gram teacher, probability]"),
         ("crops.resolution_sets=[[64, 32, 128, 0]]", "the probabilities (4th column) sum to 0"),
         ("optim.scaling_rule=sqrt", "valid: sqrt_wrt_1024, linear_wrt_256, none"),
+        ("model.arch=vit_smal", "Did you mean: vit_small"),
         ("init.from_mode=resume", "valid: continue, teacher"),
     ],
 )

@@ -294,6 +294,13 @@ def check_values(cfg: TrainConfig) -> None:
         if value is not None and value < minimum:
             raise ConfigError(f"{key}={value}: must be {minimum} or more")
     from opendino.data.sources import SOURCES
+    from opendino.models.registry import MODELS, UnknownModelError, get_spec
+
+    if cfg.model.arch not in MODELS:
+        try:
+            get_spec(cfg.model.arch)
+        except UnknownModelError as e:
+            raise ConfigError(f"model.arch: {e}") from None
 
     data = cfg.data
     if data.source is not None and data.source not in SOURCES:
