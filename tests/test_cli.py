@@ -183,6 +183,10 @@ def test_the_configuration_reference_is_current_and_config_prints_overrides(caps
         ("optim.scaling_rule=sqrt", "valid: sqrt_wrt_1024, linear_wrt_256, none"),
         ("model.arch=vit_smal", "Did you mean: vit_small"),
         ("init.from_mode=resume", "valid: continue, teacher"),
+        (
+            "data={crops_on_device: true, photometric_on_device: true, max_image_side: 32}",
+            "data.max_image_side=32 is below the largest crop (64 px)",
+        ),
     ],
 )
 def test_values_no_run_can_use_exit_2_before_anything_is_written(override, message, tmp_path, capsys):

@@ -145,6 +145,13 @@ def test_sampler_shards_ranks_like_one_big_batch_and_resumes():
     assert sorted(epoch) == list(range(50))  # an epoch visits every image once
 
 
+def test_sample_seeds_stay_distinct_past_32_bit_positions():
+    sampler = StepBatchSampler(10, 4096, seed=0)
+    late = sampler.batch_at(2**32 // 4096)  # the first step whose positions pass 2**32
+    early = sampler.batch_at(0)
+    assert all(a.seed != b.seed for a, b in zip(late, early, strict=True))
+
+
 def test_crop_set_choice_is_shared_by_ranks_and_follows_probabilities():
     probs = (0.3, 0.3, 0.3, 0.05, 0.05)
     a = StepBatchSampler(10, 2, crop_set_probs=probs, rank=0, world_size=2)

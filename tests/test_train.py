@@ -109,6 +109,18 @@ def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once
     assert read_metrics(run)[-1]["skipped_images"] >= 2
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "gram", "hires"])
+def test_the_stage_presets_crop_as_the_official_7b_stages(stage):
+    """recipe.md §4.2-4.4: global 256 / local 112 crops without flips, Gram crops 512, the stage-3 size table."""
+    cfg = load_train_config(REPO / "configs" / "stages" / f"{stage}.yaml")
+    assert cfg.crops.horizontal_flips is False
+    if stage == "hires":
+        assert [row[:3] for row in cfg.crops.resolution_sets][:2] == [[512, 112, 768], [768, 112, 1152]]
+    else:
+        assert (cfg.crops.global_size, cfg.crops.local_size) == (256, 112)
+        assert cfg.crops.global_size * cfg.gram.crop_scale == 512
+
+
 def test_steps_past_the_end_of_the_schedules_are_a_warning(preset, tmp_path, capsys):
     args = ["train", str(preset), f"run.dir={tmp_path / 'run'}", "optim.epochs=1", "train.epoch_length=2"]
     assert main([*args, "train.steps=4"]) == 0

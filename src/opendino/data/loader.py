@@ -31,7 +31,8 @@ MAX_RETRIES = 64  # consecutive unreadable images tolerated before a sample fail
 
 
 def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+    # Non-negative parts enter whole: positions past 2**32 (a 1M-step run of 4,096 images) stay distinct.
+    return int(np.random.SeedSequence([p if p >= 0 else p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)

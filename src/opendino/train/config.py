@@ -29,7 +29,7 @@ class DataConfig:
     # Workers only decode and draw crop boxes; the crops are cut batched on the device (needs
     # photometric_on_device).
     crops_on_device: bool = False
-    max_image_side: int = 1024  # with crops_on_device: larger images are first reduced to it in the worker
+    max_image_side: int = 1024  # with crops_on_device: larger images are reduced to it first (>= the largest crop)
 
 
 @dataclasses.dataclass
@@ -333,6 +333,15 @@ def check_values(cfg: TrainConfig) -> None:
             )
     if cfg.crops.resolution_sets and not sum(row[3] for row in cfg.crops.resolution_sets) > 0:
         raise ConfigError("crops.resolution_sets: the probabilities (4th column) sum to 0")
+    if data.crops_on_device:  # images are reduced to max_image_side before their crops are cut
+        c, gram = cfg.crops, cfg.gram
+        rows = c.resolution_sets or [[c.global_size, c.local_size, c.global_size * gram.crop_scale, 1.0]]
+        largest = max(max(row[0], row[2] if gram.enabled else 0) for row in rows)
+        if data.max_image_side < largest:
+            raise ConfigError(
+                f"data.max_image_side={data.max_image_side} is below the largest crop ({largest:g} px): its crops "
+                f"would be upsampled; set data.max_image_side={round(largest)} or more"
+            )
 
 
 def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
