@@ -230,6 +230,13 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.train.steps if self.train.steps is not None else int(self.optim.epochs * self.train.epoch_length)
 
+    @property
+    def crop_size_sets(self) -> list[list[float]]:
+        """``[global, local, Gram teacher, probability]`` per crop-size set: ``crops.resolution_sets``, else the
+        crop sizes as one set."""
+        c = self.crops
+        return c.resolution_sets or [[c.global_size, c.local_size, c.global_size * self.gram.crop_scale, 1.0]]
+
 
 # Mappings that are one value, not a section: a model's constructor arguments belong to its `arch`, so an
 # update (a preset over its base, a student, an override) replaces them whole.
@@ -334,9 +341,7 @@ def check_values(cfg: TrainConfig) -> None:
     if cfg.crops.resolution_sets and not sum(row[3] for row in cfg.crops.resolution_sets) > 0:
         raise ConfigError("crops.resolution_sets: the probabilities (4th column) sum to 0")
     if data.crops_on_device:  # images are reduced to max_image_side before their crops are cut
-        c, gram = cfg.crops, cfg.gram
-        rows = c.resolution_sets or [[c.global_size, c.local_size, c.global_size * gram.crop_scale, 1.0]]
-        largest = max(max(row[0], row[2] if gram.enabled else 0) for row in rows)
+        largest = max(max(row[0], row[2] if cfg.gram.enabled else 0) for row in cfg.crop_size_sets)
         if data.max_image_side < largest:
             raise ConfigError(
                 f"data.max_image_side={data.max_image_side} is below the largest crop ({largest:g} px): its crops "

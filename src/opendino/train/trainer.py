@@ -336,7 +336,7 @@ class Trainer:
     def _crop_sets(self) -> tuple[list[CropConfig], list[float]]:
         """One crop-size set, or the mixed resolutions of high-resolution adaptation with their odds."""
         c, gram = self.cfg.crops, self.cfg.gram
-        rows = c.resolution_sets or [[c.global_size, c.local_size, c.global_size * gram.crop_scale, 1.0]]
+        rows = self.cfg.crop_size_sets
         sets = []
         for row in rows:
             sets.append(
