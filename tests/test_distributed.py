@@ -163,6 +163,7 @@ def test_submit_requeues_a_signalled_job_and_it_resumes(preset, tmp_path):
 def test_gram_and_high_resolution_stages_shard_like_one_process(preset, tmp_path):
     stage = [
         "gram.enabled=true",
+        "gram.img_level=true",  # per-image Grams: the same at any world size (batch-level ones are per rank)
         "monitor.every=2",
         "monitor.n_fit=16",
         "monitor.n_eval=8",

@@ -84,6 +84,7 @@ def test_a_run_writes_metrics_checkpoints_config_and_teacher(preset, tmp_path):
     assert any((run / "tb").iterdir())
     teacher = load_model(run / "teacher.safetensors")
     assert teacher.embed_dim == 32
+    assert teacher.drop_path_rate == 0.0  # the student's 0.1 is not the teacher's (no stochastic depth)
     # readable like the other files of the run (safetensors alone writes 0600)
     assert (run / "teacher.safetensors").stat().st_mode & 0o777 == (run / "config.yaml").stat().st_mode & 0o777
 
@@ -270,6 +271,39 @@ def test_loss_falls_on_the_synthetic_world(preset, tmp_path):
     Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=24", "optim.epochs=4"])).run()
     losses = [r["loss"] for r in read_metrics(run)]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
+
+
+def test_the_losses_compute_in_float32_under_bf16_autocast():
+    """recipe.md §2: the official losses run in float32; under autocast a matrix product inside one (the
+    DINO einsum, KoLeo's neighbours, the Gram matrices) would otherwise be a bf16 product."""
+    from opendino.losses import dino_loss, koleo_loss, sinkhorn_knopp
+    from opendino.losses.gram import gram_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(8, 32, 4096, generator=g), torch.randn(2, 32, 4096, generator=g).softmax(-1)
+    cls, student, grams = torch.randn(32, 384, generator=g), torch.randn(4, 50, 64, generator=g), torch.randn(4, 50, 64)
+    losses = {
+        "dino": lambda: dino_loss(logits, teacher, ignore_diagonal=True),
+        "koleo": lambda: koleo_loss(cls),
+        "gram": lambda: gram_loss(student, grams),
+        "sinkhorn": lambda: sinkhorn_knopp(logits[0], 0.07),
+    }
+    for name, loss in losses.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = loss()
+        assert under_autocast.dtype == torch.float32, name
+        torch.testing.assert_close(under_autocast, loss(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_clip_grad_zero_turns_clipping_off(preset):
+    recipe = SSLRecipe(load_train_config(preset))
+    for p in recipe.student.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    norms = recipe.clip_gradients(0.0)
+    assert all((p.grad == 10.0).all() for p in recipe.student.parameters()) and norms["backbone"] > 1
+    norms = recipe.clip_gradients(1.0)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in recipe.student.backbone.parameters()]))
+    assert clipped == pytest.approx(1.0, rel=1e-4)
 
 
 def test_sinkhorn_stays_finite_for_large_logits():

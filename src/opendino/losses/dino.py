@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opendino.losses.precision import float32
 
+
+@float32
 def dino_loss(
     student_logits: Tensor, teacher_probs: Tensor, student_temp: float = 0.1, ignore_diagonal: bool = False
 ) -> Tensor:

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from opendino.losses.precision import float32
 
+
+@float32
 def gram_loss(
     student: Tensor,
     teacher: Tensor,

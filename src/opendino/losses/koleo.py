@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opendino.losses.distributed import all_gather_with_grad, is_distributed
+from opendino.losses.precision import float32
 
 EPS = 1e-8
 
 
+@float32
 def koleo_loss(x: Tensor) -> Tensor:
     """``-mean_i log ||x_i - x_nn(i)||`` over a batch ``[B, D]``, on L2-normalised features."""
-    x = F.normalize(x, p=2, dim=-1, eps=EPS)
+    x = F.normalize(x.float(), p=2, dim=-1, eps=EPS)
     with torch.no_grad():
         dots = x @ x.t()
         dots.fill_diagonal_(-1)
@@ -23,10 +25,11 @@ def koleo_loss(x: Tensor) -> Tensor:
     return -torch.log(distances + EPS).mean()
 
 
+@float32
 def koleo_loss_distributed(x: Tensor, group_size: int | None = None, topk: int = 1, group=None) -> Tensor:
     """KoLeo over contiguous groups of ``group_size`` samples of the global batch (gathered, with
     gradients), each rank averaging over its own samples and their ``topk`` neighbours in their group."""
-    x = F.normalize(x, p=2, dim=-1, eps=EPS)
+    x = F.normalize(x.float(), p=2, dim=-1, eps=EPS)
     local = x.shape[0]
     everything = all_gather_with_grad(x, group)
     rank = torch.distributed.get_rank(group) if is_distributed(group) else 0

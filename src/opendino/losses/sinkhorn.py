@@ -12,9 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from opendino.losses.distributed import all_reduce_max, all_reduce_sum, world_size
+from opendino.losses.precision import float32
 
 
 @torch.no_grad()
+@float32
 def sinkhorn_knopp(
     logits: Tensor, teacher_temp: float, n_iterations: int = 3, n_samples: Tensor | None = None, group=None
 ) -> Tensor:
@@ -26,34 +28,33 @@ def sinkhorn_knopp(
     with matrix-vector products: the big ``[M, K]`` matrix (1 GB for iBOT at batch 64 and 65,536
     prototypes) is read twice per iteration and written twice in all, instead of six passes per iteration.
     """
-    with torch.autocast(logits.device.type, enabled=False):  # the products must stay in float32
-        scores = logits.float()
-        if n_iterations == 0:  # no centring: the teacher's own softmax (a frozen distillation teacher)
-            return torch.softmax(scores / teacher_temp, dim=-1)
-        # Each prototype is shifted by its (global) maximum: the first prototype normalisation cancels any
-        # per-prototype constant, so the result is the official one, but exp() can neither overflow (the
-        # official code does past logits / T ~ 88) nor leave a prototype with no mass.
-        if scores.shape[0]:
-            shift = scores.amax(dim=0)
-        else:
-            shift = scores.new_full((scores.shape[1],), -1e30)
-        shift = all_reduce_max(shift, group)  # a rank without samples (no masked token) still takes part
-        q = torch.exp((scores - shift) / teacher_temp)  # [M, K]
-        n_rows, n_prototypes = q.shape
-        if n_samples is None:
-            total = n_rows * world_size(group)
-        else:
-            total = all_reduce_sum(n_samples.detach().clone().float(), group)
-        prototype_scale = q.new_ones(n_prototypes) / all_reduce_sum(q.sum(), group)
-        sample_scale = q.new_ones(n_rows)
-        for _ in range(n_iterations):
-            mass = all_reduce_sum(prototype_scale * (sample_scale @ q), group)  # per prototype
-            prototype_scale = prototype_scale / (mass * n_prototypes)
-            mass = sample_scale * (q @ prototype_scale)  # per sample, local only
-            sample_scale = sample_scale / (mass.clamp(min=1e-30) * total)
-        q *= (sample_scale * total)[:, None]
-        q *= prototype_scale[None, :]
-        return q
+    scores = logits.float()
+    if n_iterations == 0:  # no centring: the teacher's own softmax (a frozen distillation teacher)
+        return torch.softmax(scores / teacher_temp, dim=-1)
+    # Each prototype is shifted by its (global) maximum: the first prototype normalisation cancels any
+    # per-prototype constant, so the result is the official one, but exp() can neither overflow (the
+    # official code does past logits / T ~ 88) nor leave a prototype with no mass.
+    if scores.shape[0]:
+        shift = scores.amax(dim=0)
+    else:
+        shift = scores.new_full((scores.shape[1],), -1e30)
+    shift = all_reduce_max(shift, group)  # a rank without samples (no masked token) still takes part
+    q = torch.exp((scores - shift) / teacher_temp)  # [M, K]
+    n_rows, n_prototypes = q.shape
+    if n_samples is None:
+        total = n_rows * world_size(group)
+    else:
+        total = all_reduce_sum(n_samples.detach().clone().float(), group)
+    prototype_scale = q.new_ones(n_prototypes) / all_reduce_sum(q.sum(), group)
+    sample_scale = q.new_ones(n_rows)
+    for _ in range(n_iterations):
+        mass = all_reduce_sum(prototype_scale * (sample_scale @ q), group)  # per prototype
+        prototype_scale = prototype_scale / (mass * n_prototypes)
+        mass = sample_scale * (q @ prototype_scale)  # per sample, local only
+        sample_scale = sample_scale / (mass.clamp(min=1e-30) * total)
+    q *= (sample_scale * total)[:, None]
+    q *= prototype_scale[None, :]
+    return q
 
 
 class SoftmaxCenter(nn.Module):

@@ -85,6 +85,12 @@ class SSLRecipe(nn.Module):
         self.teacher = copy.deepcopy(self.student)  # identical start, as the official recipe
         self.teacher.requires_grad_(False)
         self.teacher.eval()  # no drop path, no RoPE augmentation, ever
+        # ... and no stochastic depth in the arguments its export records either (recipe.md §3.1)
+        backbone = self.teacher.backbone
+        if getattr(backbone, "model_kwargs", {}).get("drop_path_rate"):
+            backbone.model_kwargs = {**backbone.model_kwargs, "drop_path_rate": 0.0}
+            if hasattr(backbone, "drop_path_rate"):
+                backbone.drop_path_rate = 0.0
         # Gram anchoring: a frozen backbone whose patch-similarity structure the student keeps.
         self.gram_teacher = copy.deepcopy(self.teacher.backbone) if cfg.gram.enabled else None
         self.weights = LossWeights(
@@ -231,10 +237,11 @@ class SSLRecipe(nn.Module):
             torch._foreach_lerp_(teacher, student, 1.0 - momentum)
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
-        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe. Under FSDP the
-        norms are replicated DTensors; their local value is the full norm."""
+        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe; ``max_norm`` 0
+        turns clipping off (the norms are still measured). Under FSDP the norms are replicated DTensors;
+        their local value is the full norm."""
         norms = {
-            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm, foreach=True)
+            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or float("inf"), foreach=True)
             for name, module in self.student.named_children()
         }
         return {name: n.to_local() if hasattr(n, "to_local") else n for name, n in norms.items()}

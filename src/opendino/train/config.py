@@ -88,7 +88,7 @@ class LossConfig:
 class OptimConfig:
     epochs: float = 100  # schedule length in epochs of `train.epoch_length` steps
     scaling_rule: str = "sqrt_wrt_1024"  # lr x 4 sqrt(global batch / 1024); or linear_wrt_256 (x batch/256), none
-    clip_grad: float = 3.0  # per submodule (backbone, DINO head, iBOT head)
+    clip_grad: float = 3.0  # max gradient norm per submodule (backbone, DINO head, iBOT head); 0: no clipping
     layerwise_decay: float = 0.9  # lr x decay^(depth - layer)
     patch_embed_lr_mult: float = 0.2  # extra lr multiplier of the patch embedding
     adamw_beta1: float = 0.9  # AdamW first-moment decay
@@ -97,10 +97,11 @@ class OptimConfig:
 
 def _default_schedules() -> dict[str, ScheduleSpec]:
     return {
-        "lr": ScheduleSpec(0.0, 1e-3, 1e-6, warmup_epochs=10, freeze_last_layer_epochs=1),
-        "weight_decay": ScheduleSpec(0.04, 0.04, 0.4),
-        "teacher_temp": ScheduleSpec(0.04, 0.07, 0.07, warmup_epochs=30),
-        "momentum": ScheduleSpec(0.992, 0.992, 1.0),
+        # the official default (no `schedules:` in a config) is the v1 shape (recipe.md §3.6)
+        "lr": ScheduleSpec(0.0, 1e-3, 1e-6, warmup_epochs=10, freeze_last_layer_epochs=1, shape="v1"),
+        "weight_decay": ScheduleSpec(0.04, 0.04, 0.4, shape="v1"),
+        "teacher_temp": ScheduleSpec(0.04, 0.07, 0.07, warmup_epochs=30, shape="v1"),
+        "momentum": ScheduleSpec(0.992, 0.992, 1.0, shape="v1"),
     }
 
 
@@ -166,7 +167,7 @@ class GramConfig:
     max_refreshes: int = 1  # ... this many times in all
     crop_scale: float = 2.0  # Gram-teacher crops at this multiple of the global crop size
     no_distortions: bool = True  # its crops without photometric distortion
-    img_level: bool = True  # one N x N Gram per image; false: one over all tokens of the batch
+    img_level: bool = False  # one Gram over all tokens of the batch (official default); true: one per image
     normalized: bool = True  # L2-normalise patch features before the Gram matrices
     remove_neg: bool = False  # zero the negative entries of both Gram matrices
     remove_only_teacher_neg: bool = False  # zero the negative entries of the teacher's Gram only
@@ -288,6 +289,7 @@ MINIMA = (
     ("data.synthetic_n", 1),
     ("data.max_image_side", 1),
     ("loss.sinkhorn_iterations", 0),
+    ("optim.clip_grad", 0),
     ("init.head_warmup_steps", 0),
 )
 
