@@ -99,9 +99,9 @@ class Member:
         the config says); returns the first step to run."""
         cfg, env = self.cfg, self.env
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_file = self.run_dir / "config.yaml"
-        previous = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
-        if env.is_main:
+        config_file, previous = self.run_dir / "config.yaml", None
+        if env.is_main:  # only the rank that writes it reads it: another could see it half written
+            previous = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
             config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.recipe = recipe = SSLRecipe(cfg)
