@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from opendino.data.pipeline import open_training_source
 from opendino.data.synthetic import render_scene
+from opendino.recipes import recipe_class
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
@@ -100,11 +102,9 @@ def data_rate(trainer: Trainer, batch_size: int, steps: int, on_device: bool) ->
     """Images/s of the trainer's batches (on the device with ``on_device``, else as the loader gives them)
     over the second half of ``steps`` batches after a warm-up of 10: by then the workers' prefetched batches
     are used up, so the rate is the steady one. The device is synchronised at both ends of the timed half."""
-    source = trainer.open_source()
-    if on_device:
-        batches = trainer.device_batches(source, start=0, patch_size=16)
-    else:
-        batches = iter(trainer.loader(source, start=0, patch_size=16))
+    pipeline = trainer.pipeline(recipe_class(trainer.cfg.train.recipe).from_config(trainer.cfg).data_needs())
+    source = open_training_source(trainer.cfg.data)
+    batches = pipeline.batches(source, start=0) if on_device else iter(pipeline.loader(source, start=0))
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else lambda: None
     for _ in range(10 + steps // 2):
         next(batches)

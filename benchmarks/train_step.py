@@ -19,8 +19,8 @@ from opendino.models import vit
 from opendino.models.vit import PatchEmbed
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
-from opendino.train.optim import apply_schedules, build_optimizer, param_groups, param_settings
-from opendino.train.parallel import apply_activation_checkpointing, compile_recipe
+from opendino.train.optim import apply_schedules, build_optimizer
+from opendino.train.parallel import apply_activation_checkpointing, compile_modules
 from opendino.train.step import train_step
 
 # Per-image GFLOPs of one step (student fwd+bwd on all crops, teacher fwd, heads), recipe.md §10.3.
@@ -173,9 +173,10 @@ def main() -> None:
         ],
     )
     recipe = SSLRecipe(cfg).to(device).train()
-    apply_activation_checkpointing(recipe, args.ac)  # the order of train.parallel: AC, then compile
+    plan = recipe.parallel_plan()
+    apply_activation_checkpointing(plan, args.ac)  # the order of train.parallel: AC, then compile
     if args.compile != "none":
-        compile_recipe(recipe, heads="heads" in args.compile, losses="losses" in args.compile)
+        compile_modules(recipe, plan, heads="heads" in args.compile, methods="losses" in args.compile)
     if args.baseline_ema:
         teacher, student = list(recipe.teacher.parameters()), list(recipe.student.parameters())
         recipe.update_teacher = lambda momentum, enabled: torch._foreach_lerp_(
@@ -191,14 +192,13 @@ def main() -> None:
         vit.drop_path_subsets = lambda sizes, rate, n, device: [
             [torch.randperm(b, device=device)[: max(int(b * (1 - rate)), 1)] for b in sizes] for _ in range(n)
         ]
-    optimizer = build_optimizer(param_groups(param_settings(recipe.student)))
+    optimizer = build_optimizer(recipe.param_groups())
     apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
+    recipe.teacher_temp, recipe.momentum = 0.07, 0.994
     batch = synthetic_batch(args.batch_size, args.global_size, args.local_size, args.n_local, 16, device)
 
     def step():
-        train_step(
-            recipe, optimizer, batch, teacher_temp=0.07, momentum=0.994, clip_grad=3.0, autocast=device.type == "cuda"
-        )
+        train_step(recipe, optimizer, batch, clip_grad=3.0)
 
     for _ in range(args.warmup):
         step()

@@ -134,7 +134,7 @@ def test_data_synth_writes_class_folders(tmp_path):
 
 
 def test_knn_on_a_separable_toy_problem_and_by_hand():
-    from opendino.eval.knn import knn_accuracy
+    from opendino.probes import knn_accuracy
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 8, generator=g) * 5

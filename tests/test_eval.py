@@ -15,16 +15,13 @@ from opendino.eval.dense import (
     depth_metrics,
     linear_depth,
     linear_segmentation,
-    mean_iou,
-    nearest_neighbour_segmentation,
-    patch_majority,
     sig_loss,
 )
 from opendino.eval.features import cached_features
-from opendino.eval.knn import knn_accuracy
 from opendino.eval.linear import linear_probe, logistic_regression
 from opendino.eval.visualize import pca_rgb, similarity_map
 from opendino.models import build_model, save_model
+from opendino.probes import knn_accuracy, mean_iou, nearest_neighbour_segmentation, patch_majority
 
 
 def _blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0):

@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     """A bad key or value (exit code 2 on the command line)."""
 
 
+def check_minima(section: str, obj: Any, minima: dict[str, float]) -> None:
+    """Counts and periods below their smallest valid value are configuration errors."""
+    for name, minimum in minima.items():
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{section}.{name}={value}: must be {minimum:g} or more")
+
+
+def check_choice(key: str, value: Any, valid: Iterable[Any]) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r}; valid: {', '.join(map(str, valid))}")
+
+
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in tree.items():

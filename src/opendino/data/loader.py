@@ -183,8 +183,9 @@ class SSLCollate:
         teacher_to_student_resolution_scale: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
+        draw_masks: bool = True,
     ) -> None:
-        self.patch_size = patch_size
+        self.patch_size, self.draw_masks = patch_size, draw_masks
         self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
         self.scale = teacher_to_student_resolution_scale
         self.rank, self.world_size = rank, world_size
@@ -204,6 +205,10 @@ class SSLCollate:
                 if key in samples[0]
             }
             global_size = batch["global"].shape[-1]
+        batch["labels"] = torch.tensor([s["label"] for s in samples])
+        batch["skipped"] = [p for s in samples for p in s["skipped"]]
+        if not self.draw_masks:
+            return batch
         grid = int(global_size // (self.patch_size * self.scale))
         # One seeded mask stream per step: reproducible wherever and on however many ranks it is collated.
         generator = BlockMaskGenerator(grid, max_num_patches=0.5 * grid * grid, seed=samples[0]["mask_seed"])
@@ -211,8 +216,6 @@ class SSLCollate:
         mine = torch.arange(self.rank * b, (self.rank + 1) * b)
         rows = torch.cat([mine, mine + world * b])  # crop 0 and crop 1 of this rank's images
         batch.update(collate_masks(2 * world * b, grid * grid, generator, self.mask_ratio, self.mask_probability, rows))
-        batch["labels"] = torch.tensor([s["label"] for s in samples])
-        batch["skipped"] = [p for s in samples for p in s["skipped"]]
         return batch
 
 
@@ -234,6 +237,7 @@ def build_ssl_loader(
     max_image_side: int = 1024,
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
+    draw_masks: bool = True,
 ) -> DataLoader:
     """An endless loader of SSL batches starting at ``start_step``: collated crops, or with
     ``crops_on_device`` whole images and crop boxes for ``MultiCrop.geometric_collated``."""
@@ -256,6 +260,7 @@ def build_ssl_loader(
             teacher_to_student_resolution_scale,
             rank=rank,
             world_size=world_size,
+            draw_masks=draw_masks,
         ),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -23,7 +23,6 @@ from opendino.data.sources import is_image
 from opendino.data.synthetic import write_image_folder
 
 SPLITS = ("train", "val")
-IGNORE = 255
 
 
 @dataclasses.dataclass

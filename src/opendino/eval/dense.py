@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opendino.eval.data import IGNORE
+from opendino.probes import IGNORE, mean_iou
 
 
 def _grid(features: Tensor) -> Tensor:
@@ -59,46 +59,6 @@ def _predict(head: nn.Module, features: Tensor, size: int, batch_size: int = 64)
         for i in range(0, len(features), batch_size)
     ]
     return torch.cat(out)
-
-
-def mean_iou(predicted: Tensor, target: Tensor, n_classes: int) -> dict[str, float]:
-    """mIoU over the classes present in prediction or target (pixels labelled 255 are ignored)."""
-    valid = target != IGNORE
-    p, t = predicted[valid].long(), target[valid].long()
-    confusion = torch.bincount(t * n_classes + p, minlength=n_classes**2).view(n_classes, n_classes).double()
-    intersection = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - intersection
-    present = union > 0
-    return {
-        "miou": (intersection[present] / union[present]).mean().item(),
-        "pixel_accuracy": (intersection.sum() / confusion.sum()).item(),
-    }
-
-
-def patch_majority(maps: Tensor, grid: int, n_classes: int) -> Tensor:
-    """``[N, H, W]`` class maps -> ``[N, grid, grid]``: the most frequent labelled class of each patch
-    (pixels labelled 255 do not vote; a patch with none is 255)."""
-    valid = maps != IGNORE
-    onehot = F.one_hot(torch.where(valid, maps, 0).long(), n_classes).permute(0, 3, 1, 2).float()
-    votes = F.adaptive_avg_pool2d(onehot * valid[:, None], grid)
-    labels = votes.argmax(1)
-    return torch.where(votes.sum(1) > 0, labels, IGNORE)
-
-
-def nearest_neighbour_segmentation(
-    fit_features: Tensor, fit_maps: Tensor, val_features: Tensor, val_maps: Tensor, *, n_classes: int, chunk: int = 1024
-) -> dict[str, float]:
-    """Training-free dense probe (in-context label transfer, Balažević et al. 2023): every validation patch
-    takes the majority class of its most cosine-similar training patch; mIoU over patches. Unlike the linear
-    probe it does not need classes to be linearly separable, so it shows dense learning earlier."""
-    grid = fit_features.shape[1]
-    fit = F.normalize(fit_features.float().flatten(0, 2), dim=-1)
-    fit_labels = patch_majority(fit_maps, grid, n_classes).flatten()
-    keep = fit_labels != IGNORE
-    fit, fit_labels = fit[keep], fit_labels[keep]
-    queries = F.normalize(val_features.float().flatten(0, 2), dim=-1)
-    predicted = torch.cat([fit_labels[(q @ fit.t()).argmax(1)] for q in queries.split(chunk)])
-    return mean_iou(predicted, patch_majority(val_maps, grid, n_classes).flatten(), n_classes)
 
 
 def class_weights(maps: Tensor, n_classes: int) -> Tensor:

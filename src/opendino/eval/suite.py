@@ -23,12 +23,12 @@ from opendino.eval.data import (
     open_labelled,
     synthetic_folder,
 )
-from opendino.eval.dense import linear_depth, linear_segmentation, nearest_neighbour_segmentation
+from opendino.eval.dense import linear_depth, linear_segmentation
 from opendino.eval.features import Features, cached_features
-from opendino.eval.knn import knn_accuracy
 from opendino.eval.linear import linear_probe, logistic_regression
 from opendino.models import load_model
 from opendino.models.registry import LVD_MEAN, LVD_STD, create, normalisation
+from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
 TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
 DENSE_TASKS = ("seg", "depth", "corr")

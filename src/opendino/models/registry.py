@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from opendino.models.convnext import CONVNEXT_SIZES, ConvNeXt
 from opendino.models.vit import DinoVisionTransformer
 
-LVD_MEAN, LVD_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LVD_MEAN, LVD_STD = IMAGENET_MEAN, IMAGENET_STD  # the LVD-1689M models normalise as ImageNet
 SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
 
 

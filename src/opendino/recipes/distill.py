@@ -1,39 +1,44 @@
-"""Distillation (recipe.md §4.6, §10.3): a frozen trained model with its heads provides the targets.
+"""Distillation (docs/design/recipe.md §4.6, §10.3): a frozen trained model with its heads provides the
+targets.
 
 The recipe stays the SSL one (DINO local and global, iBOT at the sampled positions, KoLeo; no Gram):
-only the source of the logits changes. The frozen teacher lives outside the students' recipes — it is
-neither trained, averaged nor checkpointed — so several students can share its forward pass.
+only the source of the logits changes. The frozen teacher is the recipe's shared pass — neither trained,
+averaged nor checkpointed — so the several students of one run share its forward pass.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opendino.config import build
+from opendino.recipes.base import ParallelPlan
+from opendino.recipes.config import HeadConfig, ModelConfig
 from opendino.recipes.ssl import SSLModel, build_student
-from opendino.train.checkpoint import load_latest
-from opendino.train.config import load_train_config
+from opendino.runs import newest_state, prefixed, read_config
 
 
 def load_distillation_teacher(run: str | Path, *students: SSLModel) -> SSLModel:
     """The EMA teacher (backbone and both heads) of an OpenDINO run's newest checkpoint, frozen. Its heads
     must have the students' prototype counts (the targets are distributions over the same prototypes)."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
+    try:
+        _, state = newest_state(run, "distill.teacher")
+    except FileNotFoundError as e:
+        if "no config.yaml" not in str(e):
+            raise
         raise FileNotFoundError(
-            f"distill.teacher={run}: not an `opendino train` run folder (no config.yaml). A backbone without "
-            "heads needs its heads fitted first: `opendino train ... init.backbone=FILE init.head_warmup_steps=N`"
-        )
-    previous = load_latest(run / "checkpoints")
-    if previous is None:
-        raise FileNotFoundError(f"distill.teacher={run}: no readable checkpoint in its checkpoints/")
-    _, state = previous
-    teacher = build_student(load_train_config(run / "config.yaml"))
-    weights = {k[len("teacher.") :]: v for k, v in state["model"].items() if k.startswith("teacher.")}
-    teacher.load_state_dict(weights)
+            f"{e}. A backbone without heads needs its heads fitted first: "
+            "`opendino train ... init.backbone=FILE init.head_warmup_steps=N`"
+        ) from None
+    tree = read_config(run)
+    sections = {"model": ModelConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig}
+    teacher = build_student(types.SimpleNamespace(**{k: build(c, tree.get(k, {}), k) for k, c in sections.items()}))
+    teacher.load_state_dict(prefixed(state["model"], "teacher."))
     for student in students:
         for head in ("dino_head", "ibot_head"):
             ours, theirs = (getattr(m, head).last_layer.out_features for m in (student, teacher))
@@ -57,3 +62,20 @@ def distillation_teacher_logits(
     with torch.autocast(crops.device.type, dtype=torch.bfloat16, enabled=crops.is_cuda):
         _, cls, patches = teacher([crops], mask_indices=batch["mask_indices_list"])
     return cls.float(), patches.float()
+
+
+class SharedTeacher(nn.Module):
+    """The frozen distillation teacher as the SSL recipe's shared pass: adds ``teacher_logits`` to each
+    batch, once for all students."""
+
+    def __init__(self, cfg: Any, students: list[SSLModel]) -> None:
+        super().__init__()
+        self.model = load_distillation_teacher(cfg.distill.teacher, *students)
+        self.resolution_scale = cfg.crops.teacher_to_student_resolution_scale
+
+    def forward(self, batch: dict) -> dict:
+        return {"teacher_logits": distillation_teacher_logits(self.model, batch, self.resolution_scale)}
+
+    def parallel_plan(self) -> ParallelPlan:
+        m = self.model
+        return ParallelPlan(trained=None, sharded=[m], compiled=[m], dynamic=[m.dino_head, m.ibot_head])

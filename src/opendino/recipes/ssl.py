@@ -1,23 +1,27 @@
-"""The DINOv3 student-teacher recipe: DINO + iBOT + KoLeo with Sinkhorn-Knopp centring (recipe.md §2-3).
+"""The DINOv3 student-teacher recipe: DINO + iBOT + KoLeo with Sinkhorn-Knopp centring
+(docs/design/recipe.md §2-3), an implementation of the recipe contract (recipes/base.py).
 
 One ``step`` computes the loss of a collated batch: the EMA teacher (eval mode, no grad) sees the 2
 unmasked global crops; the student sees the masked global crops and the local crops in one call; the
 DINO head runs on all student CLS tokens at once and the iBOT head on the masked patch tokens. Every
-quantity stays on the device (no host synchronisation inside the step).
+quantity stays on the device (no host synchronisation inside the step). Gram anchoring is a component
+(recipes/gram.py); distillation is this recipe with a frozen teacher's logits in the batch
+(recipes/distill.py), shared by the students of one run.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opendino.config import ConfigError
 from opendino.losses import (
     LossWeights,
     dino_loss,
-    gram_loss,
     ibot_loss_masked,
     koleo_loss,
     koleo_loss_distributed,
@@ -25,17 +29,12 @@ from opendino.losses import (
     total_loss,
 )
 from opendino.models import DINOHead, build_model
-from opendino.train.config import TrainConfig
+from opendino.recipes.base import DataNeeds, MaskSpec, ParallelPlan, Recipe, ema_update_
+from opendino.recipes.gram import GramAnchor
+from opendino.recipes.param_groups import param_groups, param_settings
+from opendino.schedules import build_schedules
 
 N_GLOBAL = 2
-
-
-@torch.no_grad()
-def lerp_by_tensor_(targets: list[Tensor], sources: list[Tensor], weight: Tensor) -> None:
-    """``t += weight * (s - t)`` for every pair, with ``weight`` a 0-dim tensor that is never read on the host."""
-    step = torch._foreach_sub(sources, targets)
-    torch._foreach_mul_(step, weight)
-    torch._foreach_add_(targets, step)
 
 
 class SSLModel(nn.Module):
@@ -61,7 +60,8 @@ class SSLModel(nn.Module):
         return outs, cls_logits, patch_logits
 
 
-def build_student(cfg: TrainConfig) -> SSLModel:
+def build_student(cfg: Any) -> SSLModel:
+    """A backbone and its two heads as the ``model``, ``dino_head`` and ``ibot_head`` sections of ``cfg`` say."""
     backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
     heads = [
         DINOHead(
@@ -77,8 +77,14 @@ def build_student(cfg: TrainConfig) -> SSLModel:
     return SSLModel(backbone, *heads)
 
 
-class SSLRecipe(nn.Module):
-    def __init__(self, cfg: TrainConfig) -> None:
+class SSLRecipe(Recipe):
+    """DINOv3 SSL pretraining at every stage (Gram anchoring, high resolution) and, with
+    ``distill.teacher``, distillation; configured by the whole run configuration."""
+
+    REQUIRED_SCHEDULES = ("teacher_temp", "momentum")
+    OPTIONAL_SCHEDULES = ("dino_local_loss_weight", "gram_loss_weight")
+
+    def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
         self.student = build_student(cfg)
@@ -91,11 +97,63 @@ class SSLRecipe(nn.Module):
             backbone.model_kwargs = {**backbone.model_kwargs, "drop_path_rate": 0.0}
             if hasattr(backbone, "drop_path_rate"):
                 backbone.drop_path_rate = 0.0
-        # Gram anchoring: a frozen backbone whose patch-similarity structure the student keeps.
-        self.gram_teacher = copy.deepcopy(self.teacher.backbone) if cfg.gram.enabled else None
         self.weights = LossWeights(
             cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.global_ignore_diagonal
         )
+        self.schedules = build_schedules(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, 1.0)
+        self.gram = None
+        self.gram_teacher = None  # a frozen backbone whose patch-similarity structure the student keeps
+        if cfg.gram.enabled:
+            self.gram = GramAnchor(cfg.gram, self.teacher.backbone, self.schedules.get("gram_loss_weight"))
+            self.gram_teacher = self.gram.teacher
+        self.teacher_temp, self.momentum, self.local_weight = 0.0, 0.0, 1.0
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if cfg.distill.teacher and cfg.gram.enabled:
+            raise ConfigError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
+        if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
+            raise ConfigError(
+                "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
+            )
+
+    @classmethod
+    def shared_pass(cls, cfg: Any, recipes: list[Recipe]) -> nn.Module | None:
+        """With ``distill.teacher``: the frozen teacher whose logits all students learn from."""
+        if not cfg.distill.teacher:
+            return None
+        from opendino.recipes.distill import SharedTeacher
+
+        return SharedTeacher(cfg, [r.student for r in recipes])
+
+    def data_needs(self, shared: nn.Module | None = None) -> DataNeeds:
+        # The mask grid is the token grid of the network that sees the unmasked crops: the EMA teacher,
+        # or the frozen distillation teacher (on crops downscaled by crops.teacher_to_student_resolution_scale).
+        owner = shared.model if shared is not None else self.student
+        patch = getattr(owner.backbone, "patch_size", 16)
+        loss, gram = self.cfg.loss, self.cfg.gram
+        masks = MaskSpec(patch, tuple(loss.mask_ratio), loss.mask_probability)
+        return DataNeeds(masks, gram.needs_crops, gram.crop_scale, gram.no_distortions)
+
+    def start_fresh(self, say: Callable[[str], None]) -> tuple[int, dict | None]:
+        from opendino.recipes.init import initialise
+
+        return initialise(self, say)
+
+    def parallel_plan(self) -> ParallelPlan:
+        models = [self.student, self.teacher]
+        return ParallelPlan(
+            trained=self.student,
+            sharded=[*models, *([self.gram_teacher] if self.gram_teacher is not None else [])],
+            compiled=models,
+            dynamic=[head for m in models for head in (m.dino_head, m.ibot_head)],
+            compiled_methods=["loss_terms"],
+        )
+
+    def param_groups(self) -> list[dict]:
+        optim = self.cfg.optim
+        settings = param_settings(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
+        return param_groups(settings, frozen_until={"backbone": self.cfg.init.head_warmup_steps})
 
     def train(self, mode: bool = True) -> SSLRecipe:
         super().train(mode)
@@ -104,42 +162,26 @@ class SSLRecipe(nn.Module):
             self.gram_teacher.eval()
         return self
 
-    @torch.no_grad()
-    def refresh_gram_teacher(self) -> None:
-        """The Gram teacher becomes a copy of the current EMA teacher (the official ``rep_update``)."""
-        for gram, ema in zip(self.gram_teacher.parameters(), self.teacher.backbone.parameters(), strict=True):
-            gram.copy_(ema)
+    def before_step(self, step: int) -> dict[str, float]:
+        s = self.schedules
+        self.teacher_temp, self.momentum = s["teacher_temp"][step], s["momentum"][step]
+        self.local_weight = s["dino_local_loss_weight"][step] if "dino_local_loss_weight" in s else 1.0
+        values = {"teacher_temp": self.teacher_temp, "momentum": self.momentum, "dino_local_weight": self.local_weight}
+        if self.gram is not None:
+            values.update(self.gram.before_step(step))
+        return values
 
     @torch.no_grad()
-    def gram_targets(self, crops: Tensor, grid: int) -> Tensor:
-        """The Gram teacher's patch features of its (larger) crops, resized bicubically (no antialias) to
-        the student's ``grid x grid`` patches: ``[2B, grid * grid, D]``."""
-        tokens = self.gram_teacher(crops, is_training=True)["x_norm_patchtokens"]
-        side = int(round(tokens.shape[1] ** 0.5))
-        if side != grid:
-            maps = tokens.transpose(1, 2).unflatten(2, (side, side)).float()
-            maps = F.interpolate(maps, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
-            tokens = maps.flatten(2).transpose(1, 2)
-        return tokens
+    def ema_teacher_outputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """The EMA teacher's DINO logits of the 2 unmasked global crops ``[2B, K]`` (crop-major), its iBOT
+        logits of the patch tokens that the student sees masked ``[M, K]`` and its patch features."""
+        (out,), cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
+        return cls, patches, out["x_norm_patchtokens"]
 
-    @torch.no_grad()
-    def ema_teacher_logits(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """The EMA teacher's DINO logits of the 2 unmasked global crops ``[2B, K]`` (crop-major) and its
-        iBOT logits of the patch tokens that the student sees masked ``[M, K]``."""
-        _, cls, patches = self.teacher([batch["global"]], mask_indices=batch["mask_indices_list"])
-        return cls, patches
-
-    def forward(
-        self,
-        batch: dict,
-        teacher_temp: float,
-        dino_local_weight: float = 1.0,
-        gram_weight: float = 0.0,
-        teacher_logits: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, dict]:
+    def forward(self, batch: dict) -> tuple[Tensor, dict]:
         """The total loss and its terms (tensors) for a collated batch already on the device. With
-        ``teacher_logits`` (distillation) the targets come from them and the student's global crops are
-        not masked (unless ``distill.mask_student``); the iBOT term still uses the sampled positions."""
+        ``batch["teacher_logits"]`` (distillation) the targets come from them and the student's global crops
+        are not masked (unless ``distill.mask_student``); the iBOT term still uses the sampled positions."""
         masks = batch["collated_masks"]
         stride = self.student.backbone.feature_stride
         tokens = (batch["global"].shape[-2] // stride) * (batch["global"].shape[-1] // stride)
@@ -149,9 +191,10 @@ class SSLRecipe(nn.Module):
                 "set crops.teacher_to_student_resolution_scale to the ratio of the student's output stride "
                 "to the teacher's patch size"
             )
+        teacher_logits, ema_patches = batch.get("teacher_logits"), None
         student_masks = None if teacher_logits is not None and not self.cfg.distill.mask_student else masks
         if teacher_logits is None:
-            teacher_logits = self.ema_teacher_logits(batch)
+            *teacher_logits, ema_patches = self.ema_teacher_outputs(batch)
         (glob, _), logits, patch_logits = self.student(
             [batch["global"], batch["local"]], masks=[student_masks, None], mask_indices=batch["mask_indices_list"]
         )
@@ -163,23 +206,14 @@ class SSLRecipe(nn.Module):
             masks,
             batch["masks_weight"],
             batch["n_masked_patches"],
-            teacher_temp,
+            self.teacher_temp,
         )
-        if self.gram_teacher is not None:
-            g = self.cfg.gram
-            student_patches = glob["x_norm_patchtokens"]
-            grid = int(round(student_patches.shape[1] ** 0.5))
-            terms["gram"] = gram_loss(
-                student_patches,
-                self.gram_targets(batch["gram"], grid),
-                normalize=g.normalized,
-                img_level=g.img_level,
-                remove_neg=g.remove_neg,
-                remove_only_teacher_neg=g.remove_only_teacher_neg,
-            )
+        if self.gram is not None:
+            terms["gram"] = self.gram.loss(glob["x_norm_patchtokens"], batch, ema_patches)
         n_local = batch["local"].shape[0] // (batch["global"].shape[0] // N_GLOBAL)  # local crops per image
+        gram_weight = self.gram.weight if self.gram is not None else 0.0
         loss = total_loss(
-            self.weights, N_GLOBAL, n_local, dino_local_weight=dino_local_weight, gram_weight=gram_weight, **terms
+            self.weights, N_GLOBAL, n_local, dino_local_weight=self.local_weight, gram_weight=gram_weight, **terms
         )
         return loss, terms
 
@@ -221,20 +255,18 @@ class SSLRecipe(nn.Module):
             return koleo_loss(cls)
         return koleo_loss_distributed(cls, group_size=None if group < 0 else group)
 
-    @torch.no_grad()
     def update_teacher(self, momentum: float, enabled: Tensor | None = None) -> None:
-        """EMA of the parameters (buffers are constant); one fused multi-tensor update.
+        """EMA of the student's parameters (buffers are constant)."""
+        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum, enabled)
 
-        ``enabled`` (a bool scalar on the device) turns the update off without a host synchronisation:
-        ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with ``.item()``,
-        stalling the host every step), so there the update is ``t += w * (s - t)`` with the multi-tensor
-        ops' tensor overloads. On the CPU reading the flag costs nothing and one ``lerp`` pass is faster.
-        """
-        teacher, student = list(self.teacher.parameters()), list(self.student.parameters())
-        if enabled is not None and enabled.device.type != "cpu":
-            lerp_by_tensor_(teacher, student, enabled.to(teacher[0].dtype) * (1.0 - momentum))
-        elif enabled is None or bool(enabled):
-            torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+    def after_update(self, step: int, finite: Tensor) -> None:
+        self.update_teacher(self.momentum, enabled=finite)
+
+    def export_module(self) -> nn.Module:
+        return self.teacher.backbone  # the EMA teacher (the student's EMA in distillation)
+
+    def monitored(self) -> tuple[nn.Module, nn.Module | None]:
+        return self.teacher.backbone, self.gram_teacher
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe; ``max_norm`` 0

@@ -18,9 +18,8 @@ from torch import Tensor, nn
 
 from opendino.data.augment import normalize
 from opendino.data.synthetic import CLASSES, render_scene
-from opendino.eval.dense import nearest_neighbour_segmentation
-from opendino.eval.knn import knn_accuracy
 from opendino.losses import gram_loss
+from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
 N_SEG_CLASSES = len(CLASSES) + 1  # background + shapes
 
@@ -36,7 +35,9 @@ class DenseMonitor:
         self.n_fit = n_fit
 
     @torch.no_grad()
-    def __call__(self, backbone: nn.Module, gram_teacher: nn.Module | None = None) -> dict[str, float]:
+    def __call__(self, backbone: nn.Module, reference: nn.Module | None = None) -> dict[str, float]:
+        """The metrics of ``backbone``; with a ``reference`` backbone (the Gram teacher) also the Gram loss
+        between their patch features."""
         device = next(backbone.parameters()).device
         out = backbone.eval()(self.images.to(device), is_training=True)
         patches = out["x_norm_patchtokens"].float().cpu()  # [N, P, D]
@@ -48,8 +49,8 @@ class DenseMonitor:
                 cls[: self.n_fit], self.labels[: self.n_fit], cls[self.n_fit :], self.labels[self.n_fit :], ks=(10,)
             )[10],
         }
-        if gram_teacher is not None:
-            anchor = gram_teacher.eval()(self.images.to(device), is_training=True)["x_norm_patchtokens"].float()
+        if reference is not None:
+            anchor = reference.eval()(self.images.to(device), is_training=True)["x_norm_patchtokens"].float()
             result["monitor_gram_distance"] = gram_loss(patches, anchor.cpu()).item()
         return result
 

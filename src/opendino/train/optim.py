@@ -1,78 +1,9 @@
-"""Parameter groups and the optimizer of the recipe (recipe.md §3.8).
-
-Per student submodule (backbone, DINO head, iBOT head): layer-wise lr decay ``decay ** (L + 1 - layer)``
-for modules with ``blocks`` (patch embedding and tokens at layer 0, block ``i`` at ``i + 1``, final norms
-at ``L + 1``), an extra multiplier for the patch embedding, no weight decay for biases, norms and
-LayerScale, a separate (frozen at first) learning rate for the heads' last layers. Groups with equal
-multipliers are fused per submodule, so AdamW runs few, large multi-tensor groups.
-"""
+"""The optimizer of the loop and its schedules: fused AdamW over a recipe's parameter groups, each group's
+lr and weight decay set every step from the run's schedules times the group's multipliers."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-
 import torch
-from torch import nn
-
-_LAYER_ZERO = ("patch_embed", "cls_token", "storage_tokens", "mask_token", "pos_embed", "register_tokens")
-
-
-@dataclasses.dataclass
-class ParamSetting:
-    name: str  # "<submodule>.<name relative to it>"
-    param: nn.Parameter
-    lr_multiplier: float
-    wd_multiplier: float
-    is_last_layer: bool
-
-
-def param_settings(
-    student: Mapping[str, nn.Module] | nn.Module, layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2
-) -> list[ParamSetting]:
-    """One setting per trainable parameter of the student's submodules (a module's children, or a mapping)."""
-    settings = []
-    for sub_name, module in student.items() if isinstance(student, Mapping) else student.named_children():
-        n_blocks = len(module.blocks) if hasattr(module, "blocks") else 0
-        for name, param in module.named_parameters():
-            if not param.requires_grad:
-                continue
-            lr_mult = 1.0
-            if n_blocks:
-                if name.startswith(_LAYER_ZERO):
-                    layer = 0
-                elif name.startswith("blocks."):
-                    layer = int(name.split(".")[1]) + 1
-                else:
-                    layer = n_blocks + 1
-                lr_mult = layerwise_decay ** (n_blocks + 1 - layer)
-            if name.startswith("patch_embed"):
-                lr_mult *= patch_embed_lr_mult
-            no_decay = name.endswith("bias") or any(k in name for k in ("norm", "gamma", "fourier_w"))
-            settings.append(
-                ParamSetting(f"{sub_name}.{name}", param, lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name)
-            )
-    return settings
-
-
-def param_groups(settings: list[ParamSetting], fuse: bool = True) -> list[dict]:
-    """Optimizer groups; fused ones merge equal (lr, wd, last-layer) settings within each submodule."""
-    groups: dict[tuple, dict] = {}
-    for i, s in enumerate(settings):
-        key = (s.name.split(".")[0], s.lr_multiplier, s.wd_multiplier, s.is_last_layer) if fuse else (i,)
-        group = groups.setdefault(
-            key,
-            {
-                "params": [],
-                "names": [],
-                "lr_multiplier": s.lr_multiplier,
-                "wd_multiplier": s.wd_multiplier,
-                "is_last_layer": s.is_last_layer,
-            },
-        )
-        group["params"].append(s.param)
-        group["names"].append(s.name)
-    return list(groups.values())
 
 
 def build_optimizer(groups: list[dict], betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
@@ -81,7 +12,12 @@ def build_optimizer(groups: list[dict], betas: tuple[float, float] = (0.9, 0.999
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=1e-8, fused=True)
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float) -> None:
+def apply_schedules(
+    optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float, step: int = 0
+) -> None:
+    """Sets every group's lr and weight decay; a group is frozen (lr 0) before its ``frozen_until``."""
     for group in optimizer.param_groups:
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        if step < group.get("frozen_until", 0):
+            group["lr"] = 0.0

@@ -1,10 +1,10 @@
-"""One optimisation step of the recipe, free of host synchronisation.
+"""One optimisation step of a recipe, free of host synchronisation.
 
-Forward, backward, per-submodule clipping, AdamW and the EMA teacher update. A non-finite loss must
-not reach the weights, but reading it on the host would stall the GPU every step; instead the fused
-AdamW kernel receives the flag as ``found_inf`` (the mechanism ``torch.amp.GradScaler`` uses) and
-skips the update on the device, and the EMA weight is multiplied by the same flag. The trainer reads
-the flags later, at its logging points.
+The recipe's forward (under bf16 autocast on a GPU), backward, the recipe's gradient clipping, AdamW and
+the recipe's ``after_update`` (an EMA update). A non-finite loss must not reach the weights, but reading
+it on the host would stall the GPU every step; instead the fused AdamW kernel receives the flag as
+``found_inf`` (the mechanism ``torch.amp.GradScaler`` uses) and skips the update on the device, and the
+recipe gets the same flag. The trainer reads the flags later, at its logging points.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opendino.losses.distributed import all_reduce_max
-from opendino.recipes.ssl import SSLRecipe
+# Relative imports: the package's name would be the only mention of a recipe in this file.
+from ..losses.distributed import all_reduce_max
+from ..recipes.base import Recipe
 
 
 @dataclass
@@ -27,22 +28,13 @@ class StepResult:
 
 
 def train_step(
-    recipe: SSLRecipe,
-    optimizer: torch.optim.Optimizer,
-    batch: dict,
-    *,
-    teacher_temp: float,
-    momentum: float,
-    clip_grad: float,
-    dino_local_weight: float = 1.0,
-    gram_weight: float = 0.0,
-    teacher_logits: tuple[Tensor, Tensor] | None = None,
-    autocast: bool = False,
+    recipe: Recipe, optimizer: torch.optim.Optimizer, batch: dict, *, step: int = 0, clip_grad: float = 0.0
 ) -> StepResult:
-    """``teacher_logits``: a frozen distillation teacher's (CLS, masked-patch) logits of this batch."""
+    """``step``: the index handed to ``recipe.after_update``; ``clip_grad``: the max gradient norm per
+    clipping unit of the recipe (0: measure only)."""
     device = batch["global"].device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss, terms = recipe(batch, teacher_temp, dino_local_weight, gram_weight, teacher_logits)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss, terms = recipe(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norms = recipe.clip_gradients(clip_grad)
@@ -51,5 +43,5 @@ def train_step(
     finite = found_inf == 0
     optimizer.found_inf = found_inf  # read by the fused AdamW kernel
     optimizer.step()
-    recipe.update_teacher(momentum, enabled=finite)
+    recipe.after_update(step, finite)
     return StepResult(loss.detach(), {k: v.detach() for k, v in terms.items()}, norms, finite)

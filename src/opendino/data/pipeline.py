@@ -1,0 +1,137 @@
+"""The data pipeline of a training run, from an image source to batches on the device.
+
+Workers decode, crop (uint8) and collate with the masks a recipe asks for; the device stage then cuts
+the crops (``data.crops_on_device``) and distorts them (``data.photometric_on_device``) batched on the
+device. A recipe reads the keys of :class:`Batch`; docs/design/data-flow.md follows one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import TypedDict
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from opendino.data.augment import CropConfig, MultiCrop
+from opendino.data.config import CropsConfig, DataConfig
+from opendino.data.loader import build_ssl_loader
+from opendino.data.sources import ImageSource, open_source
+
+# A training batch on the device, crops crop-major (crop 0 of every image, then crop 1, ...): the keys a
+# recipe reads, named here once. (The functional form: ``global`` is a Python keyword.)
+Batch = TypedDict(
+    "Batch",
+    {
+        "global": Tensor,  # the 2 global crops [2B, 3, S, S]
+        "local": Tensor,  # the local crops [n_local * B, 3, s, s]
+        "gram": Tensor,  # the Gram-teacher crops [2B, 3, G, G] (DataNeeds.extra_crops)
+        "collated_masks": Tensor,  # [2B, N] bool: the masked tokens of the global crops (DataNeeds.masks)
+        "mask_indices_list": Tensor,  # their flat indices into [2B * N]
+        "masks_weight": Tensor,  # per masked token, 1 / (masked tokens of its crop)
+        "n_masked_patches": Tensor,  # their count (a device scalar)
+        "labels": Tensor,  # [B] the source's labels (class folders, CSV labels, synthetic classes; else 0)
+        "skipped": list,  # the paths of unreadable images replaced in this batch
+    },
+    total=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """iBOT-style block masks of the global crops, drawn on the token grid of ``patch_size``."""
+
+    patch_size: int
+    ratio: tuple[float, ...] = (0.1, 0.5)
+    probability: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class DataNeeds:
+    """What a recipe needs from the pipeline beyond the multi-crop views and labels."""
+
+    masks: MaskSpec | None = None
+    # Larger crops of the global crops' region (``batch["gram"]``, for a Gram teacher): at this multiple of
+    # the global size (or the size of the crop-size set), distorted like them or not.
+    extra_crops: bool = False
+    extra_crop_scale: float = 2.0
+    extra_crops_undistorted: bool = True
+
+
+class DataPipeline:
+    """Batches ``start, start + 1, ...`` of a run on ``device``: this rank's share of each global batch."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        crops: CropsConfig,
+        needs: DataNeeds,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+    ) -> None:
+        self.data, self.crops, self.needs = data, crops, needs
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = device or torch.device("cpu")
+        rows = crops.size_sets(needs.extra_crop_scale)
+        self.crop_sets = [
+            CropConfig(
+                int(row[0]),
+                int(row[1]),
+                crops.n_local,
+                tuple(crops.global_scale),
+                tuple(crops.local_scale),
+                crops.horizontal_flips,
+                gram_size=round(row[2]) if needs.extra_crops else None,
+                gram_no_distortions=needs.extra_crops_undistorted,
+                mean=tuple(crops.mean),
+                std=tuple(crops.std),
+            )
+            for row in rows
+        ]
+        self.crop_odds = [float(row[3]) for row in rows]
+
+    def loader(self, source: ImageSource, start: int) -> DataLoader:
+        """The worker side: decode, crop (uint8; only draw the crop boxes with ``data.crops_on_device``),
+        distort (unless ``data.photometric_on_device``) and collate with the masks."""
+        masks = self.needs.masks
+        return build_ssl_loader(
+            source,
+            self.crop_sets,
+            crop_set_probs=self.crop_odds,
+            batch_size=self.batch_size,
+            patch_size=masks.patch_size if masks else 16,
+            teacher_to_student_resolution_scale=self.crops.teacher_to_student_resolution_scale,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            start_step=start,
+            num_workers=self.data.num_workers,
+            photometric_in_worker=not self.data.photometric_on_device,
+            crops_on_device=self.data.crops_on_device,
+            max_image_side=self.data.max_image_side,
+            mask_ratio=tuple(masks.ratio) if masks else (0.0, 0.0),
+            mask_probability=masks.probability if masks else 0.0,
+            draw_masks=masks is not None,
+        )
+
+    def batches(self, source: ImageSource, start: int) -> Iterator[Batch]:
+        """The loader's batches on the device, with the crops cut and distorted there as configured."""
+        multicrops = [MultiCrop(c) for c in self.crop_sets]
+        for batch in self.loader(source, start):
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if "images" in batch:
+                batch = multicrops[batch.pop("crop_set")].geometric_collated(batch)
+            # the photometric stage does not depend on crop sizes
+            yield multicrops[0].photometric_collated(batch) if self.data.photometric_on_device else batch
+
+
+def open_training_source(data: DataConfig) -> ImageSource:
+    """The configured image source, checked to hold at least one readable image."""
+    source = open_source(data.path, data.source, n=data.synthetic_n, size=data.synthetic_size)
+    source.check_readable()
+    return source

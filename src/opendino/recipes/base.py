@@ -1,0 +1,136 @@
+"""The recipe contract: everything the training loop may ask of a training recipe.
+
+A recipe owns its networks (the trained one and any EMA or frozen companions), its losses and its own
+scalar schedules; the loop owns the data order, the optimizer and its learning-rate and weight-decay
+schedules, clipping thresholds, logging, checkpoints, resume and parallelism. The loop calls, per step:
+``before_step(step)``, ``forward(batch)`` (under autocast), backward, ``clip_gradients``, the optimizer
+step, ``after_update(step, finite)``. A recipe is chosen by ``train.recipe`` (a name of ``RECIPES`` or an
+importable ``module:Class``). docs/design/contract.md explains each method; docs/design/recipes.md shows
+how to add one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from opendino.data.pipeline import DataNeeds, MaskSpec
+
+__all__ = ["DataNeeds", "MaskSpec", "ParallelPlan", "Recipe", "ema_update_"]
+
+
+@dataclasses.dataclass
+class ParallelPlan:
+    """How ``train.parallel`` may wrap a recipe's modules; it wraps them in place, names unchanged.
+
+    ``trained``: the module the optimizer trains (DDP replicates it, FSDP shards it; its children are the
+    units of gradient clipping). ``sharded``: modules FSDP shards too, in this order (companions that
+    must be sharded like ``trained``, e.g. an EMA copy, so that their updates stay local). ``compiled``:
+    modules whose backbone blocks are compiled; ``dynamic``: modules compiled with dynamic shapes (heads
+    that see a varying number of rows); ``compiled_methods``: methods of the recipe compiled in a single
+    process (loss regions holding collectives under data parallelism are left eager)."""
+
+    trained: nn.Module | None
+    sharded: list[nn.Module] = dataclasses.field(default_factory=list)
+    compiled: list[nn.Module] = dataclasses.field(default_factory=list)
+    dynamic: list[nn.Module] = dataclasses.field(default_factory=list)
+    compiled_methods: list[str] = dataclasses.field(default_factory=list)
+
+
+class Recipe(nn.Module):
+    """Base class of training recipes; subclasses implement every method that raises here."""
+
+    # Names of the run's `schedules` the recipe reads (besides the loop's lr and weight_decay).
+    REQUIRED_SCHEDULES: tuple[str, ...] = ()
+    OPTIONAL_SCHEDULES: tuple[str, ...] = ()
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Rules of the recipe that join configuration sections; raise ``opendino.config.ConfigError``."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Recipe:
+        """A recipe of the run's resolved configuration (``opendino.train.config.TrainConfig``); called
+        after the loop seeded the weights' random stream."""
+        return cls(cfg)
+
+    @classmethod
+    def shared_pass(cls, cfg: Any, recipes: list[Recipe]) -> nn.Module | None:
+        """A frozen module whose ``forward(batch) -> dict`` adds entries to every batch once, for all the
+        recipes of a run (a distillation teacher shared by several students); None when there is none.
+        It has a ``parallel_plan()`` like a recipe."""
+        return None
+
+    def data_needs(self, shared: nn.Module | None = None) -> DataNeeds:
+        return DataNeeds()
+
+    def start_fresh(self, say: Callable[[str], None]) -> tuple[int, dict | None]:
+        """Initial weights of a run that does not resume (released weights, an earlier stage); returns
+        the first step and the optimizer state to carry on (or None). ``say`` prints on the main rank."""
+        return 0, None
+
+    def parallel_plan(self) -> ParallelPlan:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups of the trained module: ``params``, ``names`` and the multipliers the loop
+        applies to its schedules: ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer`` (follows the
+        last-layer lr schedule) and ``frozen_until`` (lr 0 before that step)."""
+        raise NotImplementedError
+
+    def before_step(self, step: int) -> dict[str, float]:
+        """Sets the recipe's own schedules for ``step`` (temperatures, momentum, loss weights) and runs
+        its scheduled events (teacher refreshes); returns the values to log."""
+        return {}
+
+    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and its terms, as device tensors (never read on the host)."""
+        raise NotImplementedError
+
+    def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
+        """Clips the gradients (``max_norm`` 0: measure only); returns the norms to log by name."""
+        raise NotImplementedError
+
+    def after_update(self, step: int, finite: Tensor) -> None:
+        """After the optimizer step (EMA updates); ``finite`` is False on a skipped step (a device bool)."""
+
+    def export_module(self) -> nn.Module:
+        """The model ``opendino eval`` and ``extract`` load (written as ``teacher.safetensors``)."""
+        raise NotImplementedError
+
+    def export_prefix(self) -> str:
+        """Where :meth:`export_module` sits in the recipe's state dict, so that a run folder's newest
+        checkpoint can give the model it would export (a Gram teacher, an initialisation)."""
+        names = {id(m): n for n, m in self.named_modules()}
+        return f"{names[id(self.export_module())]}."
+
+    def monitored(self) -> tuple[nn.Module, nn.Module | None]:
+        """The backbone the dense monitor measures, and a reference backbone to compare it with."""
+        return self.export_module(), None
+
+
+@torch.no_grad()
+def lerp_by_tensor_(targets: list[Tensor], sources: list[Tensor], weight: Tensor) -> None:
+    """``t += weight * (s - t)`` for every pair, with ``weight`` a 0-dim tensor that is never read on the host."""
+    step = torch._foreach_sub(sources, targets)
+    torch._foreach_mul_(step, weight)
+    torch._foreach_add_(targets, step)
+
+
+@torch.no_grad()
+def ema_update_(targets: list[Tensor], sources: list[Tensor], momentum: float, enabled: Tensor | None = None) -> None:
+    """``targets`` become the exponential moving average ``m t + (1 - m) s``, in one fused multi-tensor pass.
+
+    ``enabled`` (a bool scalar on the device, the step's finite flag) turns the update off without a host
+    synchronisation: ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with
+    ``.item()``, stalling the host every step), so there the update is ``t += w * (s - t)`` with the
+    multi-tensor ops' tensor overloads. On the CPU reading the flag costs nothing and one ``lerp`` pass is faster.
+    """
+    if enabled is not None and enabled.device.type != "cpu":
+        lerp_by_tensor_(targets, sources, enabled.to(targets[0].dtype) * (1.0 - momentum))
+    elif enabled is None or bool(enabled):
+        torch._foreach_lerp_(targets, sources, 1.0 - momentum)

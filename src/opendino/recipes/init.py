@@ -1,0 +1,84 @@
+"""How a student-teacher recipe starts when it does not resume (the ``init`` section): from an earlier
+stage's run folder, from released or earlier backbone weights (optionally only some of their blocks),
+and where its Gram teacher comes from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from opendino.runs import load_backbone, newest_state, prefixed
+
+if TYPE_CHECKING:
+    from opendino.recipes.ssl import SSLRecipe
+
+
+def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
+    """Initial weights as ``init.*`` and ``gram.checkpoint`` say; returns the first step and the optimizer
+    state to carry on (or None)."""
+    cfg = recipe.cfg
+    start, optimizer_state = 0, None
+    if cfg.init.from_run:
+        start, optimizer_state = _from_run(recipe, say)
+    elif cfg.init.backbone or cfg.init.backbone_blocks is not None:
+        _from_backbone(recipe, say)
+    if recipe.gram_teacher is not None:
+        if cfg.gram.checkpoint:
+            recipe.gram_teacher.load_state_dict(load_backbone(cfg.gram.checkpoint, "gram.checkpoint").state_dict())
+        else:
+            recipe.gram.refresh()  # the EMA teacher at the start of the run
+    return start, optimizer_state
+
+
+def _from_run(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
+    """This stage starts from an earlier run's newest checkpoint (``init.from_mode``)."""
+    init = recipe.cfg.init
+    step, state = newest_state(init.from_run, "init.from_run")
+    model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
+    if init.from_mode == "continue":
+        recipe.load_state_dict(model, strict=False)  # the Gram teacher is this stage's own
+        say(f"continuing {init.from_run} after its step {step}")
+        return step + 1, state["optimizer"]
+    teacher = prefixed(model, "teacher.")
+    recipe.student.load_state_dict(teacher)
+    recipe.teacher.load_state_dict(teacher)
+    say(f"starting from the EMA teacher of {init.from_run} (its step {step}), fresh schedule")
+    return 0, None
+
+
+def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
+    """Student and teacher backbones from released or earlier weights (by default, with
+    ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
+    init, teacher = recipe.cfg.init, recipe.cfg.distill.teacher
+    if init.backbone:
+        name, state = init.backbone, load_backbone(init.backbone).state_dict()
+        say(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
+    elif teacher:
+        name, state = f"distill.teacher={teacher}", load_backbone(teacher, "distill.teacher").state_dict()
+    else:
+        raise ValueError("init.backbone_blocks: the blocks of what? Set init.backbone (or distill.teacher)")
+    if init.backbone_blocks is not None:
+        state = select_blocks(state, init.backbone_blocks, name)
+    for model in (recipe.student.backbone, recipe.teacher.backbone):
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{name} does not fit model.arch={recipe.cfg.model.arch}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+
+def select_blocks(state: dict[str, Tensor], blocks: list[int], source: str) -> dict[str, Tensor]:
+    """A ViT state dict with only ``blocks`` of ``state``, renumbered ``0, 1, ...`` in the given order."""
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    if not depth:
+        raise ValueError(f"init.backbone_blocks: {source} has no transformer blocks (a ViT is needed)")
+    if not blocks or any(not 0 <= b < depth for b in blocks):
+        raise ValueError(f"init.backbone_blocks={blocks}: {source} has blocks 0..{depth - 1}")
+    selected = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    for new, old in enumerate(blocks):
+        prefix = f"blocks.{old}."
+        selected.update({f"blocks.{new}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)})
+    return selected
