@@ -37,7 +37,7 @@ def make_jpegs(folder: Path, n: int) -> list[Path]:
 
 
 def reference_pipeline(mean, std):
-    """The official recipe on PIL images with torchvision v2, per image (recipe.md §3.5)."""
+    """The official recipe on PIL images with torchvision v2, per image (docs/design/recipe.md §3.5)."""
 
     def colour(p_blur: float, solarize: float):
         ops = [

@@ -23,7 +23,7 @@ from opendino.train.optim import apply_schedules, build_optimizer
 from opendino.train.parallel import apply_activation_checkpointing, compile_modules
 from opendino.train.step import train_step
 
-# Per-image GFLOPs of one step (student fwd+bwd on all crops, teacher fwd, heads), recipe.md §10.3.
+# Per-image GFLOPs of one step (student fwd+bwd on all crops, teacher fwd, heads), docs/design/recipe.md §10.3.
 GFLOPS_PER_IMAGE = {"vit_small": 130, "vit_base": 469, "vit_large": 1618}
 BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989}
 

@@ -347,3 +347,16 @@ def test_loader_with_crops_on_the_device_gives_the_same_batches():
         build_ssl_loader(src, [cfg], batch_size=3, crops_on_device=True)
     with pytest.raises(ValueError, match="max_image_side=0"):
         build_ssl_loader(src, [cfg], crops_on_device=True, max_image_side=0, **kwargs)
+
+
+def test_a_synthetic_training_sample_renders_its_scene_once():
+    from opendino.data.synthetic import render_scene
+
+    src = SyntheticSource(n=8, size=48)
+    calls = []
+    src._render = lambda *args: calls.append(args[0]) or render_scene(*args)
+    sample = MultiCropDataset(src, [CropConfig(global_size=32, local_size=16, n_local=2)])[
+        SampleRef(3, seed=1, crop_set=0)
+    ]
+    assert calls == [3]  # image and label from one render
+    assert sample["label"] == render_scene(3, 48).label

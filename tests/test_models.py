@@ -11,7 +11,7 @@ from opendino.models import MODELS, ConvNeXt, DinoVisionTransformer, build_model
 from opendino.models.registry import UnknownModelError
 from opendino.models.vit import drop_path_subsets, swiglu_hidden_dim
 
-# Parameter counts computed analytically from the official module definitions (recipe.md §1.9, §1.11).
+# Parameter counts computed analytically from the official module definitions (docs/design/recipe.md §1.9, §1.11).
 OFFICIAL_PARAMS = {
     "vits16": 21_601_152,
     "vits16plus": 28_697_472,
@@ -47,6 +47,70 @@ def tiny_vit(**overrides) -> DinoVisionTransformer:
 def test_named_models_have_official_parameter_counts(name):
     model = build_model(name, device="meta")
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+
+
+def reduced_size(family: str, kwargs) -> dict:
+    """Constructor overrides that shrink a named architecture to a few blocks of small width and keep all
+    else (RoPE settings, storage tokens, FFN type and ratio, biases, masked-key bias, norms, untied norms)."""
+    if family == "vit":
+        return dict(embed_dim=64, num_heads=4, depth=2)
+    assert family == "convnext", f"no reduced size for family {family!r}"
+    # Relative widths and the deeper third stage of the larger ConvNeXts stay.
+    return dict(dims=[d // 8 for d in kwargs["dims"]], depths=[max(1, d // 9) for d in kwargs["depths"]])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_named_architecture_builds_runs_two_resolutions_and_trains(name):
+    """timm-style registry test, at reduced width and depth. In training mode with the student's list call
+    (a masked global crop group, a local one) every parameter gets a gradient: mask_token only through the
+    masked crops, local_cls_norm only through the local group in training; none is left out."""
+    spec = get_spec(name)
+    overrides = reduced_size(spec.family, spec.kwargs)
+    torch.manual_seed(0)
+    model = build_model(name, **overrides)
+    assert {k: v for k, v in model.model_kwargs.items() if k not in overrides} == {
+        k: v for k, v in spec.kwargs.items() if k not in overrides
+    }
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    if spec.family == "vit":
+        D, R = overrides["embed_dim"], spec.kwargs.get("n_storage_tokens", 0)
+        grids = [(4, 3), (2, 2)]  # 64x48 global crops, 32x32 local crops
+        xs = [torch.randn(2, 3, 16 * h, 16 * w, generator=g) for h, w in grids]
+        masks = torch.zeros(2, 12, dtype=torch.bool)
+        masks[:, ::3] = True
+        outs = model.forward_features(xs, masks=[masks, None])
+        for out, (h, w) in zip(outs, grids, strict=True):
+            assert out["x_norm_clstoken"].shape == (2, D)
+            assert out["x_storage_tokens"].shape == (2, R, D)
+            assert out["x_norm_patchtokens"].shape == (2, h * w, D)
+            assert out["x_prenorm"].shape == (2, 1 + R + h * w, D)
+        parts = ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens")
+        tensors = [out[k] for out in outs for k in parts]
+    else:
+        D = overrides["dims"][-1]
+        grids = [(2, 2), (3, 2)]  # 64x64 and 96x64 at stride 32
+        xs = [torch.randn(2, 3, 32 * h, 32 * w, generator=g) for h, w in grids]
+        tensors = []
+        for x, (h, w) in zip(xs, grids, strict=True):
+            out = model.forward_features(x)
+            (fmap,) = model.get_intermediate_layers(x, n=1, reshape=True)
+            assert fmap.shape == (2, D, h, w)
+            assert out["x_norm_clstoken"].shape == (2, D)
+            assert out["x_norm_patchtokens"].shape == (2, h * w, D)
+            tensors += [out["x_norm_clstoken"], out["x_norm_patchtokens"], fmap]
+    assert all(torch.isfinite(t).all() for t in tensors)
+    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in tensors)
+    loss.backward()
+    params = dict(model.named_parameters())
+    assert params and all(p.requires_grad for p in params.values())
+    missing = [n for n, p in params.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+    model.eval()
+    with torch.no_grad():
+        for x in xs:
+            assert model(x).shape == (2, D)
 
 
 def test_swiglu_hidden_examples_from_the_recipe():

@@ -113,7 +113,8 @@ def test_the_demo_preset_trains_on_a_folder_and_names_each_unreadable_image_once
 
 @pytest.mark.parametrize("stage", ["pretrain", "gram", "hires"])
 def test_the_stage_presets_crop_as_the_official_7b_stages(stage):
-    """recipe.md §4.2-4.4: global 256 / local 112 crops without flips, Gram crops 512, the stage-3 size table."""
+    """docs/design/recipe.md §4.2-4.4: global 256 / local 112 crops without flips, Gram crops 512, the stage-3
+    size table."""
     cfg = load_train_config(REPO / "configs" / "stages" / f"{stage}.yaml")
     assert cfg.crops.horizontal_flips is False
     if stage == "hires":
@@ -276,7 +277,7 @@ def test_loss_falls_on_the_synthetic_world(preset, tmp_path):
 
 
 def test_the_losses_compute_in_float32_under_bf16_autocast():
-    """recipe.md §2: the official losses run in float32; under autocast a matrix product inside one (the
+    """docs/design/recipe.md §2: the official losses run in float32; under autocast a matrix product inside one (the
     DINO einsum, KoLeo's neighbours, the Gram matrices) would otherwise be a bf16 product."""
     from opendino.losses import dino_loss, koleo_loss, sinkhorn_knopp
     from opendino.losses.gram import gram_loss
@@ -467,3 +468,87 @@ def test_the_compiled_loss_region_equals_eager(preset):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
     # one graph with the first shapes, one with M dynamic that serves every later count; no graph break
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_words_and_the_run_resumes(preset, tmp_path):
+    run = tmp_path / "full"
+    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=4"])).run()  # a checkpoint at step 3
+    intact = run / "checkpoints" / "step_00000003.pt"
+    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}", "train.steps=12"]
+    # A real short write: files may not grow past half a checkpoint (what a full disk does to torch.save).
+    limit = _limit_file_size(intact.stat().st_size // 2)
+    result = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert result.returncode == 1
+    assert "could not write the checkpoint of step 7" in result.stderr and str(run / "checkpoints") in result.stderr
+    assert f"the newest intact checkpoint is {intact}" in result.stderr and "bytes" in result.stderr
+    assert "enforce fail" not in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003.pt"]  # no partial file
+    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=12"])).run()  # space freed: it resumes
+    assert [r["step"] for r in read_metrics(run)][-1] == 11
+
+
+def test_a_run_folder_written_before_the_recipe_contract_resumes_without_warnings(preset, tmp_path, capsys):
+    """Folders of earlier versions lack the settings added since (``train.recipe``, ``gram.tokens_used``,
+    ...), the checkpoint's ``export_prefix`` and the optimizer groups' ``frozen_until``: they resume."""
+    run = tmp_path / "old"
+    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=4"])).run()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["train"]["recipe"], config["gram"]["tokens_used"], config["gram"]["ema_teacher"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    path = run / "checkpoints" / "step_00000003.pt"
+    state = torch.load(path, weights_only=True)
+    del state["export_prefix"]
+    for group in state["optimizer"]["param_groups"]:
+        del group["frozen_until"]
+    torch.save(state, path)
+    capsys.readouterr()
+    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=8"])).run()
+    out = capsys.readouterr().out
+    assert "resuming" in out and "warning" not in out
+    assert [r["step"] for r in read_metrics(run)] == list(range(8))
+    from opendino.runs import load_backbone
+
+    exported = load_model(run / "teacher.safetensors").state_dict()
+    old = load_backbone(str(run)).state_dict()  # the newest checkpoint has its prefix again
+    assert all(torch.equal(old[k], v) for k, v in exported.items())
+
+
+def test_gram_tokens_used_selects_the_masked_or_the_unmasked_patches(preset):
+    from opendino.config import ConfigError
+    from opendino.losses import gram_loss
+    from opendino.recipes.gram import GramAnchor, GramConfig
+
+    backbone = build_model("vit_small", embed_dim=32, depth=1, num_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    student, ema = torch.randn(4, 16, 32, generator=gen), torch.randn(4, 16, 32, generator=gen)
+    masks = torch.rand(4, 16, generator=gen) < 0.4
+    losses = {}
+    for used, keep in (("all", torch.ones_like(masks)), ("masked", masks), ("unmasked", ~masks)):
+        anchor = GramAnchor(GramConfig(enabled=True, ema_teacher=True, tokens_used=used), backbone, None)
+        losses[used] = anchor.loss(student, {"collated_masks": masks}, ema)
+        torch.testing.assert_close(losses[used], gram_loss(student[keep], ema[keep], img_level=False))
+    assert len({round(v.item(), 6) for v in losses.values()}) == 3
+    with pytest.raises(ConfigError, match="needs gram.img_level=false"):
+        load_train_config(preset, ["gram.enabled=true", "gram.tokens_used=masked", "gram.img_level=true"])
+    with pytest.raises(ConfigError, match="gram.tokens_used='some'; valid: all, masked, unmasked"):
+        load_train_config(preset, ["gram.enabled=true", "gram.tokens_used=some"])
+
+
+def test_gram_anchoring_on_the_ema_teachers_own_patches_of_the_unmasked_tokens(preset, tmp_path):
+    run = tmp_path / "ema-gram"
+    overrides = [f"run.dir={run}", "train.steps=3", "gram.enabled=true", "gram.ema_teacher=true"]
+    Trainer(load_train_config(preset, [*overrides, "gram.tokens_used=unmasked"])).run()
+    records = read_metrics(run)
+    assert all(r["gram"] > 0 and r["gram_weight"] == 1.0 for r in records)
+    state = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
+    assert not any(k.startswith("gram_teacher.") for k in state)  # no Gram teacher network to keep

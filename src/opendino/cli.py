@@ -136,6 +136,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from opendino import runs
     from opendino.train.distributed import exit_finished_rank
     from opendino.train.trainer import Trainer
 
@@ -145,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.env.is_main:
         folders = [run_dir / s["name"] for s in cfg.distill.students] or [run_dir]
         for folder in folders:
-            print(f"finished: {folder} (model: {folder / 'teacher.safetensors'}, metrics: {folder / 'metrics.jsonl'})")
+            print(f"finished: {folder} (model: {folder / runs.EXPORT}, metrics: {folder / runs.METRICS})")
     if trainer.env.world_size > 1:
         exit_finished_rank(0)
     return 0

@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor, nn
 
 CONFIG, METRICS, CHECKPOINTS, EXPORT = "config.yaml", "metrics.jsonl", "checkpoints", "teacher.safetensors"
+TENSORBOARD, SKIPPED = "tb", "skipped_images.txt"
 # Where the recipe keeps the exported model inside its state dict, for checkpoints written before a
 # checkpoint recorded it (every run of the SSL recipe: its EMA teacher's backbone).
 DEFAULT_EXPORT_PREFIX = "teacher.backbone."
@@ -51,17 +52,13 @@ def write_config(run: Path, tree: dict) -> dict | None:
 
 
 def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for each setting that differs, other than those of FREE_ON_RESUME. A key the
-    earlier configuration did not have (a setting added to OpenDINO since) counts only if set away from
-    None."""
+    """``key: old -> new`` for each setting that differs, other than those of FREE_ON_RESUME."""
     changes = []
     for key in sorted(set(before) | set(after)):
         name, old, new = f"{prefix}{key}", before.get(key), after.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             changes += changed_settings(old, new, f"{name}.")
-        elif key not in before and isinstance(new, dict):
-            continue  # a section added since: its defaults are what the run computed before
-        elif old != new and not name.startswith(FREE_ON_RESUME) and (key in before or new is not None):
+        elif old != new and not name.startswith(FREE_ON_RESUME):
             changes.append(f"{name}: {old} -> {new}")
     return changes
 
@@ -105,12 +102,19 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
         tmp.unlink(missing_ok=True)
         newest = list_checkpoints(folder)
         kept = f"the newest intact checkpoint is {newest[-1][1]}" if newest else "no earlier checkpoint exists"
-        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
-        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or free < _state_bytes(state)
-        cause = "the disk is full" if full else f"{type(e).__name__}: {e}"
+        free, needed = (shutil.disk_usage(folder).free if folder.is_dir() else 0), _state_bytes(state)
+        code = getattr(e, "errno", None)
+        if isinstance(e, PermissionError):
+            cause = "no permission to write there"
+        elif code in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+            cause = "the disk is full"
+        elif code == errno.EFBIG or "unexpected pos" in str(e):  # torch.save's words for a short write
+            cause = "the write stopped short (the disk filled up, or a quota or file-size limit was reached)"
+        else:
+            cause = f"{type(e).__name__}: {e}"
         raise CheckpointWriteError(
             f"could not write the checkpoint of step {step} to {folder}: {cause} (it needs about "
-            f"{_state_bytes(state):,} bytes, {free:,} are free); the partial file was removed and {kept}. "
+            f"{needed:,} bytes, {free:,} are free); the partial file was removed and {kept}. "
             "Free space (or fix the permissions) and run the same command again: the run resumes from it."
         ) from e
     for _, old in list_checkpoints(folder)[:-keep]:

@@ -1,4 +1,4 @@
-"""Multi-crop augmentation of the DINOv3 recipe on tensors (recipe.md §3.5).
+"""Multi-crop augmentation of the DINOv3 recipe on tensors (docs/design/recipe.md §3.5).
 
 Two stages so that the expensive part can run where there is compute:
 
@@ -41,7 +41,7 @@ class PhotometricPolicy:
     solarize: float = 0.0
 
 
-# Effective probabilities of the official pipeline (recipe.md §3.5, §9.1).
+# Effective probabilities of the official pipeline (docs/design/recipe.md §3.5, §9.1).
 GLOBAL_1 = PhotometricPolicy(blur=0.0)
 GLOBAL_2 = PhotometricPolicy(blur=0.9, solarize=0.2)
 LOCAL = PhotometricPolicy(blur=0.5)

@@ -1,4 +1,4 @@
-"""Collate for the student-teacher recipe: crop-major stacking and iBOT masks (recipe.md §3.4).
+"""Collate for the student-teacher recipe: crop-major stacking and iBOT masks (docs/design/recipe.md §3.4).
 
 Of the ``2B`` global crops of a batch, ``int(2B * mask_probability)`` are masked, crop ``i`` of those with
 exactly ``int(N * r_i)`` tokens for ``r = linspace(min_ratio, max_ratio, n_masked + 1)[1:]``; the list of

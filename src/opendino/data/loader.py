@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.collate import collate_masks, stack_crop_major
+from opendino.data.config import DataConfig
 from opendino.data.masking import BlockMaskGenerator
 from opendino.data.sources import ImageSource
 
@@ -106,12 +107,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
         crops_on_device: bool = False,
         max_image_side: int = 1024,
     ):
-        if crops_on_device and photometric_in_worker:
-            raise ValueError(
-                "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"
-            )
-        if max_image_side < 1:
-            raise ValueError(f"data.max_image_side={max_image_side}: must be a positive number of pixels")
+        settings = {"crops_on_device": crops_on_device, "max_image_side": max_image_side}
+        DataConfig(photometric_on_device=not photometric_in_worker, **settings).check()
         self.source = source
         self.multicrops = [MultiCrop(c) for c in crop_sets]
         self.photometric_in_worker = photometric_in_worker

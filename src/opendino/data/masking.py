@@ -1,4 +1,4 @@
-"""iBOT block masking with the official semantics (recipe.md §3.4).
+"""iBOT block masking with the official semantics (docs/design/recipe.md §3.4).
 
 ``BlockMaskGenerator(n)`` returns a ``[H, W]`` boolean mask with exactly ``n`` masked cells: random
 rectangles (area and log-aspect drawn uniformly, at most ``max_num_patches`` cells per rectangle, 10

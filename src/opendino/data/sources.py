@@ -180,7 +180,9 @@ class TarShardSource(ImageSource):
 
 
 class SyntheticSource(ImageSource):
-    """``n`` scenes of the embedded synthetic world (rendered on the fly)."""
+    """``n`` scenes of the embedded synthetic world, rendered on the fly. The label is the class of the most
+    visible shape, known only once the scene is rendered: the last scene is kept, so a training sample (its
+    image, then its label) renders once."""
 
     def __init__(self, n: int = 10_000, size: int = 128, split: str = "train", seed: int = 0) -> None:
         from opendino.data.synthetic import CLASSES, render_scene
@@ -188,13 +190,19 @@ class SyntheticSource(ImageSource):
         self._render = render_scene
         self.size, self.split, self.seed = size, split, seed
         self.classes = list(CLASSES)
+        self._last = None  # (index, scene) of the last render
         super().__init__([(f"synthetic:{split}:{i}", -1) for i in range(n)], f"synthetic world ({split}, n={n})")
 
+    def scene(self, index: int):
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self._render(index, self.size, self.split, self.seed))
+        return self._last[1]
+
     def label(self, index: int) -> int:
-        return self._render(index, self.size, self.split, self.seed).label
+        return self.scene(index).label
 
     def load(self, index: int) -> Tensor:
-        scene = self._render(index, self.size, self.split, self.seed)
+        scene = self.scene(index)
         return torch.from_numpy(np.array(scene.image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -204,14 +212,11 @@ SOURCES = ("folder", "list", "tar", "synthetic")
 def open_source(path: str | Path | None = None, source: str | None = None, **synthetic_kwargs) -> ImageSource:
     """The source for ``path``, of kind ``source`` (``folder``, ``list``, ``tar``) or, without it, the kind the
     path shows; ``source="synthetic"`` (or no path) is the embedded world."""
-    if source is not None and source not in SOURCES:
-        raise ValueError(f"data.source={source!r}; valid: {', '.join(SOURCES)}")
-    if source == "synthetic" and path is not None:
-        raise ValueError(f"data.path={path} with data.source=synthetic: give one")
-    if source == "synthetic" or (path is None and source is None):
+    from opendino.data.config import DataConfig
+
+    DataConfig(source=source, path=None if path is None else str(path)).check()  # the rules' one home
+    if source == "synthetic" or path is None:
         return SyntheticSource(**synthetic_kwargs)
-    if path is None:
-        raise ValueError(f"data.source={source!r} needs data.path")
     text, p = str(path), Path(path)
     if not p.exists():  # a glob of shards (a path that exists is taken as it is, brackets and all)
         shards = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else []

@@ -1,4 +1,4 @@
-"""Dense linear probes on frozen last-layer patch features (recipe.md §6.4, §6.5).
+"""Dense linear probes on frozen last-layer patch features (docs/design/recipe.md §6.4, §6.5).
 
 Segmentation: ``Dropout2d(0.1) -> BatchNorm -> 1x1 conv`` to the classes, logits upsampled bilinearly to
 the label size, cross-entropy ignoring 255, AdamW (official lr 1e-3, wd 1e-3), mIoU. Two changes for the

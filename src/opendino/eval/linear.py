@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (recipe.md §6.2): ``cat(CLS, mean patch token)`` -> ``Linear``, the
+"""Linear probe on frozen features (docs/design/recipe.md §6.2): ``cat(CLS, mean patch token)`` -> ``Linear``, the
 official grid of 13 learning rates trained at once (SGD, momentum 0.9, no weight decay, cosine to 0,
 lr scaled by batch / 256), the best classifier chosen on the validation set.
 
@@ -59,7 +59,7 @@ def linear_probe(
 def logistic_regression(
     train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, *, c_grid: Sequence[float] | None = None
 ) -> dict[str, float]:
-    """scikit-learn L2 logistic regression (lbfgs) on the CLS features (recipe.md §6.3): ``C`` chosen on a
+    """scikit-learn L2 logistic regression (lbfgs) on the CLS features (docs/design/recipe.md §6.3): ``C`` chosen on a
     10 % hold-out of train, then refitted on all of train and scored on val. Deliberate differences, for
     speed on small machines: features standardised with the train statistics (lbfgs converges in far
     fewer iterations), at most 300 iterations and tolerance 1e-6 instead of 1000 and 1e-12, and every

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
+from opendino import runs
 from opendino.eval.correspondence import correspondence_metrics, match_errors
 from opendino.eval.data import (
     LabelledSplit,
@@ -39,14 +39,10 @@ def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
     checkpoint file, or a registered name; returns the model and ``{mean, std, resolution, out}``."""
     path = Path(source)
     if path.is_dir():
-        weights = path / "teacher.safetensors"
+        weights = path / runs.EXPORT
         if not weights.exists():
-            raise FileNotFoundError(f"{path} has no teacher.safetensors: is it a finished `opendino train` run?")
-        crops = (
-            yaml.safe_load((path / "config.yaml").read_text()).get("crops", {})
-            if (path / "config.yaml").exists()
-            else {}
-        )
+            raise FileNotFoundError(f"{path} has no {runs.EXPORT}: is it a finished `opendino train` run?")
+        crops = runs.read_config(path).get("crops", {}) if runs.is_run(path) else {}
         model = load_model(weights)
         return model, {
             "mean": tuple(crops.get("mean", LVD_MEAN)),

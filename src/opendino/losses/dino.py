@@ -1,4 +1,4 @@
-"""DINO cross-entropy between student and teacher CLS distributions (recipe.md §2.3)."""
+"""DINO cross-entropy between student and teacher CLS distributions (docs/design/recipe.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gram anchoring loss (recipe.md §2.6): keeps the student's patch-similarity structure close to that
+"""Gram anchoring loss (docs/design/recipe.md §2.6): keeps the student's patch-similarity structure close to that
 of a Gram teacher."""
 
 from __future__ import annotations

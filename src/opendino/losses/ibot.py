@@ -1,4 +1,4 @@
-"""iBOT masked-patch loss (recipe.md §2.4)."""
+"""iBOT masked-patch loss (docs/design/recipe.md §2.4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """KoLeo regulariser: spreads the (pre-head) CLS features by penalising close nearest neighbours
-(Sablayrolles et al., 2019; recipe.md §2.5)."""
+(Sablayrolles et al., 2019; docs/design/recipe.md §2.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The losses compute in float32 whatever autocast is active (recipe.md §2: the official losses cast to
+"""The losses compute in float32 whatever autocast is active (docs/design/recipe.md §2: the official losses cast to
 float32 and run outside autocast): under bf16 autocast on a GPU, a matrix product inside a loss (the DINO
 cross-entropy's einsum, KoLeo's neighbour search, the Gram matrices) would otherwise run in bf16."""
 

@@ -1,6 +1,6 @@
 """Teacher centring: Sinkhorn-Knopp (the DINOv3 recipe) and the softmax centring of DINO / DINOv2.
 
-Sinkhorn-Knopp (recipe.md §2.2) turns teacher logits ``[M, K]`` into targets whose rows sum to one and
+Sinkhorn-Knopp (docs/design/recipe.md §2.2) turns teacher logits ``[M, K]`` into targets whose rows sum to one and
 whose prototypes are used equally over the whole (distributed) batch: ``exp(logits / T)``, then
 alternating prototype and sample normalisation, three iterations; prototype sums are all-reduced over
 the group, so every rank sees the same marginals.

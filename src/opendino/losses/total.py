@@ -1,4 +1,4 @@
-"""The weighted total of the SSL loss terms (recipe.md §2.7)."""
+"""The weighted total of the SSL loss terms (docs/design/recipe.md §2.7)."""
 
 from __future__ import annotations
 

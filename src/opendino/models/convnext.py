@@ -1,4 +1,4 @@
-"""ConvNeXt backbones with the DINOv3 output API and the official state-dict keys (recipe.md §1.11).
+"""ConvNeXt backbones with the DINOv3 output API and the official state-dict keys (docs/design/recipe.md §1.11).
 
 ``forward_features`` returns the same dict as the ViT (the "cls" token is the normalised global average
 pool, there are no storage tokens, patch tokens are at stride 32). With ``patch_size`` set, the maps of

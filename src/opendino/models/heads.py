@@ -1,4 +1,4 @@
-"""The DINO / iBOT projection head (recipe.md §2.1).
+"""The DINO / iBOT projection head (docs/design/recipe.md §2.1).
 
 An MLP to a bottleneck, L2 normalisation, then a bias-free linear layer onto the prototypes. Unlike
 DINOv2 there is no weight normalisation on the last layer.

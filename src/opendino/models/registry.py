@@ -33,7 +33,7 @@ class ModelSpec:
     summary: str = ""
 
 
-# Shared by every released ViT (recipe.md §1.9, hub constructors).
+# Shared by every released ViT (docs/design/recipe.md §1.9, hub constructors).
 _RELEASED_VIT = dict(
     img_size=224,
     patch_size=16,

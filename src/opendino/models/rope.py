@@ -1,6 +1,6 @@
 """Axial 2-D rotary position embedding (RoPE) of the DINOv3 ViT.
 
-Facts implemented (recipe.md §1.2): periods ``base ** (4j / head_dim)`` (or a geometric range between a
+Facts implemented (docs/design/recipe.md §1.2): periods ``base ** (4j / head_dim)`` (or a geometric range between a
 min and a max period), patch-centre coordinates in (-1, 1), optional train-time shift / jitter / rescale
 augmentation, angle layout ``[y-frequencies | x-frequencies]`` tiled twice and rotate-half pairing of
 dimension ``i`` with ``i + head_dim / 2``.

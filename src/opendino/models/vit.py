@@ -1,6 +1,6 @@
 """The DINOv3 Vision Transformer, with the official state-dict key names and forward API.
 
-Every option of the released models is here (recipe.md §1): cls / storage / mask tokens, axial RoPE,
+Every option of the released models is here (docs/design/recipe.md §1): cls / storage / mask tokens, axial RoPE,
 masked-key qkv bias, LayerScale, MLP and SwiGLU FFNs, LayerNorm / RMSNorm, untied cls and local-crop
 norms, the official "sample subset" stochastic depth and initialisation.
 
@@ -203,7 +203,7 @@ class Block(nn.Module):
         if subsets is None:
             return [x + y for x, y in zip(xs, branch(xs), strict=True)]
         # Official stochastic depth: the branch runs on a random subset of the batch and is added back
-        # scaled by B / subset; the other samples skip it (recipe.md §1.4).
+        # scaled by B / subset; the other samples skip it (docs/design/recipe.md §1.4).
         ys = branch([x[idx] for x, idx in zip(xs, subsets, strict=True)])
         out = []
         for x, y, idx in zip(xs, ys, subsets, strict=True):
@@ -327,7 +327,7 @@ class DinoVisionTransformer(nn.Module):
     # -- initialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The official initialisation (recipe.md §1.7)."""
+        """The official initialisation (docs/design/recipe.md §1.7)."""
         self.rope_embed.reset_parameters()
         nn.init.normal_(self.cls_token, std=0.02)
         if self.n_storage_tokens > 0:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opendino import runs
 from opendino.config import build
 from opendino.recipes.base import ParallelPlan
 from opendino.recipes.config import HeadConfig, ModelConfig
@@ -29,7 +30,7 @@ def load_distillation_teacher(run: str | Path, *students: SSLModel) -> SSLModel:
     try:
         _, state = newest_state(run, "distill.teacher")
     except FileNotFoundError as e:
-        if "no config.yaml" not in str(e):
+        if runs.is_run(run):
             raise
         raise FileNotFoundError(
             f"{e}. A backbone without heads needs its heads fitted first: "

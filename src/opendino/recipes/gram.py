@@ -26,7 +26,7 @@ TOKENS_USED = ("all", "masked", "unmasked")
 class GramConfig:
     """Gram anchoring (docs/design/recipe.md §2.6, §4.3): a frozen Gram teacher, its crops and the refresh rule."""
 
-    enabled: bool = False  # add the Gram anchoring loss (a stage of its own, recipe.md §2.6)
+    enabled: bool = False  # add the Gram anchoring loss (a stage of its own, docs/design/recipe.md §2.6)
     loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
     checkpoint: str | None = None  # the Gram teacher: a backbone file or run folder; default: the EMA teacher
     # Not used by the official configs: no Gram teacher network, the EMA teacher's own patch features of

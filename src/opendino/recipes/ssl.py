@@ -91,7 +91,7 @@ class SSLRecipe(Recipe):
         self.teacher = copy.deepcopy(self.student)  # identical start, as the official recipe
         self.teacher.requires_grad_(False)
         self.teacher.eval()  # no drop path, no RoPE augmentation, ever
-        # ... and no stochastic depth in the arguments its export records either (recipe.md §3.1)
+        # ... and no stochastic depth in the arguments its export records either (docs/design/recipe.md §3.1)
         backbone = self.teacher.backbone
         if getattr(backbone, "model_kwargs", {}).get("drop_path_rate"):
             backbone.model_kwargs = {**backbone.model_kwargs, "drop_path_rate": 0.0}
@@ -111,7 +111,7 @@ class SSLRecipe(Recipe):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         if cfg.distill.teacher and cfg.gram.enabled:
-            raise ConfigError("distillation has no Gram anchoring (recipe.md §4.6): set gram.enabled=false")
+            raise ConfigError("distillation has no Gram anchoring (docs/design/recipe.md §4.6): set gram.enabled=false")
         if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
             raise ConfigError(
                 "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"

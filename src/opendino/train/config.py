@@ -49,7 +49,7 @@ class OptimConfig:
 
 def _default_schedules() -> dict[str, ScheduleSpec]:
     return {
-        # the official default (no `schedules:` in a config) is the v1 shape (recipe.md §3.6)
+        # the official default (no `schedules:` in a config) is the v1 shape (docs/design/recipe.md §3.6)
         "lr": ScheduleSpec(0.0, 1e-3, 1e-6, warmup_epochs=10, freeze_last_layer_epochs=1, shape="v1"),
         "weight_decay": ScheduleSpec(0.04, 0.04, 0.4, shape="v1"),
         "teacher_temp": ScheduleSpec(0.04, 0.07, 0.07, warmup_epochs=30, shape="v1"),
@@ -172,6 +172,8 @@ class TrainConfig:
 # Mappings that are one value, not a section: a model's constructor arguments belong to its `arch`, so an
 # update (a preset over its base, a student, an override) replaces them whole.
 DICT_VALUES = frozenset({"model.kwargs"})
+# ... and a preset's `schedules` are a complete set.
+WHOLE_VALUES = DICT_VALUES | {"schedules"}
 
 
 def _read_preset(path: Path) -> dict:

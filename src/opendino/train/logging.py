@@ -11,10 +11,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from opendino import runs
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int = 0) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / runs.METRICS
         # On resume, drop what was logged after the checkpoint: those steps are run again.
         if self.path.exists():
             kept = [
@@ -26,7 +28,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+            self.writer = SummaryWriter(str(run_dir / runs.TENSORBOARD), purge_step=resume_step)
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -48,7 +50,7 @@ class SkippedImagesLog:
     (kept across resumes); the metrics count every time one is met."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "skipped_images.txt"
+        self.path = run_dir / runs.SKIPPED
         self.seen = set(self.path.read_text().splitlines()) if self.path.exists() else set()
 
     def add(self, paths: Iterable[str]) -> None:
@@ -63,5 +65,5 @@ class SkippedImagesLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / runs.METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []

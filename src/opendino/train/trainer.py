@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 # Relative imports: the package's name would be the only mention of a recipe in this file.
 from .. import runs
-from ..config import to_dict
+from ..config import merge, to_dict
 from ..data.pipeline import DataNeeds, DataPipeline, open_training_source
 from ..models import save_model
 from ..recipes import recipe_class
 from ..schedules import build_schedules, scale_lr
-from .config import TrainConfig, student_configs
+from .config import WHOLE_VALUES, TrainConfig, student_configs
 from .distributed import (
     DistributedEnv,
     close_distributed,
@@ -85,7 +85,9 @@ class Member:
             start, optimizer_state, saved_streams = step + 1, state["optimizer"], state["rng"]
             self.bad_steps, self.skipped = state["bad_steps"], state["skipped_images"]
             self.say(f"resuming {self.run_dir} after step {step}")
-            if changed := runs.changed_settings(previous or {}, to_dict(cfg)):
+            # settings added to OpenDINO since the run was started count at their defaults
+            earlier = merge(to_dict(type(cfg)()), previous or {}, WHOLE_VALUES)
+            if changed := runs.changed_settings(earlier, to_dict(cfg)):
                 self.say(f"warning: resumed with settings changed since the last start: {', '.join(changed)}")
         else:
             start, optimizer_state = recipe.start_fresh(self.say)
