@@ -24,6 +24,7 @@ import json
 import statistics
 from pathlib import Path
 
+from opendino import runs
 from opendino.eval.data import synthetic_folder
 from opendino.eval.suite import evaluate
 from opendino.train.config import load_train_config
@@ -77,7 +78,7 @@ def train_once(preset: Path, overrides: list[str]) -> None:
     """Trains unless the run folder already holds its exported model(s) (the experiment resumes)."""
     cfg = load_train_config(preset, overrides)
     names = [s["name"] for s in cfg.distill.students] or [""]
-    if not all((Path(cfg.run.dir) / name / "teacher.safetensors").exists() for name in names):
+    if not all((Path(cfg.run.dir) / name / runs.EXPORT).exists() for name in names):
         Trainer(cfg).run()
 
 

@@ -18,6 +18,7 @@ from opendino.train.config import ConfigError, load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
 from tests.conftest import torchrun_train
+from tests.recorded_runs import RANK_OVERRIDES, assert_reproduces, summary
 
 B = 4  # images per rank; the single process takes 2 * B
 STEPS = 5
@@ -79,8 +80,9 @@ def _assert_same_losses(a: Path, b: Path, tolerance: float = 1e-5) -> None:
 @pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_process_with_the_global_batch(preset, single, tmp_path, data_parallel):
     run = tmp_path / data_parallel
-    torchrun_train(preset, run, f"parallel.data_parallel={data_parallel}", "parallel.param_dtype=fp32")
+    torchrun_train(preset, run, *RANK_OVERRIDES[data_parallel])
     _assert_same_losses(run, single)
+    assert_reproduces(data_parallel, summary(run))  # the metrics recorded before the recipe contract
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["parallel"]["data_parallel"] == data_parallel
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.pt", "step_00000004.pt"]

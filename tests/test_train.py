@@ -497,30 +497,26 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_words_and_the_run_resumes(
     assert [r["step"] for r in read_metrics(run)][-1] == 11
 
 
-def test_a_run_folder_written_before_the_recipe_contract_resumes_without_warnings(preset, tmp_path, capsys):
-    """Folders of earlier versions lack the settings added since (``train.recipe``, ``gram.tokens_used``,
-    ...), the checkpoint's ``export_prefix`` and the optimizer groups' ``frozen_until``: they resume."""
+def test_a_run_folder_written_before_the_recipe_contract_resumes_exactly(preset, tmp_path, capsys):
+    """tests/data/run_before_contract: 4 steps of this preset written by the code before the recipe contract
+    (commit 3b2fc82); its config lacks the settings added since, its checkpoint the export prefix and the
+    optimizer groups' frozen_until. It resumes without a warning, to the metrics of an uninterrupted run."""
+    import shutil
+
     run = tmp_path / "old"
-    Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=4"])).run()
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    del config["train"]["recipe"], config["gram"]["tokens_used"], config["gram"]["ema_teacher"]
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    path = run / "checkpoints" / "step_00000003.pt"
-    state = torch.load(path, weights_only=True)
-    del state["export_prefix"]
-    for group in state["optimizer"]["param_groups"]:
-        del group["frozen_until"]
-    torch.save(state, path)
+    shutil.copytree(REPO / "tests" / "data" / "run_before_contract", run)
+    reference = tmp_path / "reference"
+    Trainer(load_train_config(preset, [f"run.dir={reference}", "train.steps=8"])).run()
     capsys.readouterr()
     Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=8"])).run()
     out = capsys.readouterr().out
     assert "resuming" in out and "warning" not in out
-    assert [r["step"] for r in read_metrics(run)] == list(range(8))
+    assert _values(read_metrics(run)) == _values(read_metrics(reference))
     from opendino.runs import load_backbone
 
     exported = load_model(run / "teacher.safetensors").state_dict()
-    old = load_backbone(str(run)).state_dict()  # the newest checkpoint has its prefix again
-    assert all(torch.equal(old[k], v) for k, v in exported.items())
+    newest = load_backbone(str(run)).state_dict()
+    assert all(torch.equal(newest[k], v) for k, v in exported.items())
 
 
 def test_gram_tokens_used_selects_the_masked_or_the_unmasked_patches(preset):
@@ -538,6 +534,9 @@ def test_gram_tokens_used_selects_the_masked_or_the_unmasked_patches(preset):
         losses[used] = anchor.loss(student, {"collated_masks": masks}, ema)
         torch.testing.assert_close(losses[used], gram_loss(student[keep], ema[keep], img_level=False))
     assert len({round(v.item(), 6) for v in losses.values()}) == 3
+    nothing = torch.zeros_like(masks)  # a rank whose crops have no masked token: 0, not NaN
+    anchor = GramAnchor(GramConfig(enabled=True, ema_teacher=True, tokens_used="masked"), backbone, None)
+    assert anchor.loss(student, {"collated_masks": nothing}, ema).item() == 0.0
     with pytest.raises(ConfigError, match="needs gram.img_level=false"):
         load_train_config(preset, ["gram.enabled=true", "gram.tokens_used=masked", "gram.img_level=true"])
     with pytest.raises(ConfigError, match="gram.tokens_used='some'; valid: all, masked, unmasked"):
@@ -552,3 +551,12 @@ def test_gram_anchoring_on_the_ema_teachers_own_patches_of_the_unmasked_tokens(p
     assert all(r["gram"] > 0 and r["gram_weight"] == 1.0 for r in records)
     state = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
     assert not any(k.startswith("gram_teacher.") for k in state)  # no Gram teacher network to keep
+
+
+def test_a_resume_takes_the_head_warmup_of_its_own_config(preset, tmp_path):
+    run = tmp_path / "warm"
+    Trainer(load_train_config(preset, [f"run.dir={run}", "init.head_warmup_steps=100", "train.steps=2"])).run()
+    frozen = load_model(run / "teacher.safetensors").state_dict()
+    Trainer(load_train_config(preset, [f"run.dir={run}", "init.head_warmup_steps=0", "train.steps=4"])).run()
+    moved = load_model(run / "teacher.safetensors").state_dict()
+    assert not torch.equal(frozen["blocks.0.attn.qkv.weight"], moved["blocks.0.attn.qkv.weight"])

@@ -38,7 +38,7 @@ class ToyRecipe(Recipe):
         self.ema = copy.deepcopy(backbone).requires_grad_(False).eval()
 
     def parallel_plan(self) -> ParallelPlan:
-        return ParallelPlan(trained=self.student, sharded=[self.student, self.ema], compiled=[self.student])
+        return ParallelPlan(trained=self.student, sharded=[self.ema], compiled=[self.student])
 
     def param_groups(self) -> list[dict]:
         names, params = zip(*self.student.named_parameters(), strict=True)

@@ -128,13 +128,16 @@ def build_schedules(
     specs: dict[str, ScheduleSpec], epochs: float, epoch_length: int, lr_scale: float
 ) -> dict[str, Schedule]:
     """One schedule per entry of a preset's ``schedules`` section (``lr`` times the lr scaling rule), and
-    ``last_layer_lr``: ``lr`` held at 0 for its ``freeze_last_layer_epochs``."""
+    with ``lr``, ``last_layer_lr``: ``lr`` held at 0 for its ``freeze_last_layer_epochs``."""
     arrays = {k: spec.array(epochs, epoch_length, lr_scale if k == "lr" else 1.0) for k, spec in specs.items()}
     # Past its end a v1 schedule returns its final value (the official CosineScheduler); v2 its last entry.
     final = {k: spec.end if spec.shape == "v1" else None for k, spec in specs.items()}
-    last_layer = arrays["lr"].copy()
-    last_layer[: int(specs["lr"].freeze_last_layer_epochs * epoch_length)] = 0
-    return {"last_layer_lr": Schedule(last_layer, final["lr"]), **{k: Schedule(arrays[k], final[k]) for k in specs}}
+    schedules = {k: Schedule(arrays[k], final[k]) for k in specs}
+    if "lr" in specs:
+        last_layer = arrays["lr"].copy()
+        last_layer[: int(specs["lr"].freeze_last_layer_epochs * epoch_length)] = 0
+        schedules["last_layer_lr"] = Schedule(last_layer, final["lr"])
+    return schedules
 
 
 def schedule_specs(section: dict) -> dict[str, ScheduleSpec]:

@@ -1,1 +1,2 @@
-"""Image sources, the embedded synthetic world and (later) augmentation, masking and collate."""
+"""The data pipeline: image sources, the embedded synthetic world, multi-crop augmentation, masking, collate
+and the device stage."""

@@ -28,7 +28,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from opendino.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from opendino.config import ConfigError, check_choice, check_minima
-from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from opendino.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass

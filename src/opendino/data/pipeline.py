@@ -32,8 +32,10 @@ Batch = TypedDict(
         "mask_indices_list": Tensor,  # their flat indices into [2B * N]
         "masks_weight": Tensor,  # per masked token, 1 / (masked tokens of its crop)
         "n_masked_patches": Tensor,  # their count (a device scalar)
+        "upperbound": int,  # the most tokens the mask generator may mask in a step (the official bound)
         "labels": Tensor,  # [B] the source's labels (class folders, CSV labels, synthetic classes; else 0)
         "skipped": list,  # the paths of unreadable images replaced in this batch
+        "teacher_logits": tuple,  # added by a recipe's shared pass (a frozen teacher's CLS and patch logits)
     },
     total=False,
 )

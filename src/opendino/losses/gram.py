@@ -18,6 +18,7 @@ def gram_loss(
     img_level: bool = True,
     remove_neg: bool = False,
     remove_only_teacher_neg: bool = False,
+    tokens: Tensor | None = None,
 ) -> Tensor:
     """MSE between the Gram matrices of student and teacher patch features ``[B, N, D]``.
 
@@ -25,6 +26,10 @@ def gram_loss(
     ``remove_neg`` zeroes the negative entries of both Grams, ``remove_only_teacher_neg`` those of the
     teacher (the official rule also zeroes student entries where both are negative, which can no longer
     happen once the teacher is clamped).
+
+    ``tokens`` (bool ``[B, N]``, with ``img_level=False``): only these tokens enter the Grams — the loss of
+    the selected rows, computed as a weighted mean over the full Gram so that the count stays on the device
+    (no host synchronisation; 0 when none is selected).
     """
     s, t = student.float(), teacher.float().detach()
     if normalize:
@@ -38,4 +43,10 @@ def gram_loss(
         gram_t = gram_t.clamp(min=0)
     elif remove_only_teacher_neg:
         gram_t = gram_t.clamp(min=0)
-    return F.mse_loss(gram_s, gram_t)
+    if tokens is None:
+        return F.mse_loss(gram_s, gram_t)
+    if img_level:
+        raise ValueError("a token selection needs img_level=False (images keep different numbers of tokens)")
+    keep = tokens.flatten().to(gram_s.dtype)
+    pairs = keep[:, None] * keep[None, :]
+    return ((gram_s - gram_t).square() * pairs).sum() / pairs.sum().clamp(min=1)

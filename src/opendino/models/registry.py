@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from opendino.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from opendino.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from opendino.models.convnext import CONVNEXT_SIZES, ConvNeXt
 from opendino.models.vit import DinoVisionTransformer
 

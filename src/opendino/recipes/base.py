@@ -27,9 +27,9 @@ __all__ = ["DataNeeds", "MaskSpec", "ParallelPlan", "Recipe", "ema_update_"]
 class ParallelPlan:
     """How ``train.parallel`` may wrap a recipe's modules; it wraps them in place, names unchanged.
 
-    ``trained``: the module the optimizer trains (DDP replicates it, FSDP shards it; its children are the
-    units of gradient clipping). ``sharded``: modules FSDP shards too, in this order (companions that
-    must be sharded like ``trained``, e.g. an EMA copy, so that their updates stay local). ``compiled``:
+    ``trained``: the module the optimizer trains (DDP replicates it, FSDP shards it first). ``sharded``: the
+    companions FSDP shards after it, in this order (an EMA copy, so that its update stays local to each
+    shard; a frozen teacher). ``compiled``:
     modules whose backbone blocks are compiled; ``dynamic``: modules compiled with dynamic shapes (heads
     that see a varying number of rows); ``compiled_methods``: methods of the recipe compiled in a single
     process (loss regions holding collectives under data parallelism are left eager)."""

@@ -78,6 +78,7 @@ class GramAnchor:
     keys ``gram_teacher.*``), so that checkpoints, parallelism and ``train()`` see it."""
 
     def __init__(self, cfg: GramConfig, source: nn.Module, weights: Schedule | None) -> None:
+        cfg.check()
         self.cfg, self.source, self.weights, self.weight = cfg, source, weights, cfg.loss_weight
         self.teacher = None if cfg.ema_teacher else copy.deepcopy(source).requires_grad_(False).eval()
 
@@ -113,9 +114,9 @@ class GramAnchor:
         g = self.cfg
         grid = int(round(student.shape[1] ** 0.5))
         teacher = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
+        tokens = None
         if g.tokens_used != "all":
-            keep = batch["collated_masks"] if g.tokens_used == "masked" else ~batch["collated_masks"]
-            student, teacher = student[keep], teacher[keep]
+            tokens = batch["collated_masks"] if g.tokens_used == "masked" else ~batch["collated_masks"]
         return gram_loss(
             student,
             teacher,
@@ -123,4 +124,5 @@ class GramAnchor:
             img_level=g.img_level,
             remove_neg=g.remove_neg,
             remove_only_teacher_neg=g.remove_only_teacher_neg,
+            tokens=tokens,
         )

@@ -19,6 +19,7 @@ def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict
     """Initial weights as ``init.*`` and ``gram.checkpoint`` say; returns the first step and the optimizer
     state to carry on (or None)."""
     cfg = recipe.cfg
+    recipe.check_config(cfg)  # the rules of these settings, also for a recipe built in Python
     start, optimizer_state = 0, None
     if cfg.init.from_run:
         start, optimizer_state = _from_run(recipe, say)
@@ -55,10 +56,8 @@ def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
     if init.backbone:
         name, state = init.backbone, load_backbone(init.backbone).state_dict()
         say(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
-    elif teacher:
+    else:  # init.backbone_blocks of the distillation teacher (check_config: one of the two is set)
         name, state = f"distill.teacher={teacher}", load_backbone(teacher, "distill.teacher").state_dict()
-    else:
-        raise ValueError("init.backbone_blocks: the blocks of what? Set init.backbone (or distill.teacher)")
     if init.backbone_blocks is not None:
         state = select_blocks(state, init.backbone_blocks, name)
     for model in (recipe.student.backbone, recipe.teacher.backbone):

@@ -100,18 +100,21 @@ class SSLRecipe(Recipe):
         self.weights = LossWeights(
             cfg.loss.dino_weight, cfg.loss.koleo_weight, cfg.loss.ibot_weight, cfg.loss.global_ignore_diagonal
         )
-        self.schedules = build_schedules(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, 1.0)
+        own = {k: v for k, v in cfg.schedules.items() if k in (*self.REQUIRED_SCHEDULES, *self.OPTIONAL_SCHEDULES)}
+        self.schedules = build_schedules(own, cfg.optim.epochs, cfg.train.epoch_length, 1.0)
         self.gram = None
         self.gram_teacher = None  # a frozen backbone whose patch-similarity structure the student keeps
         if cfg.gram.enabled:
             self.gram = GramAnchor(cfg.gram, self.teacher.backbone, self.schedules.get("gram_loss_weight"))
             self.gram_teacher = self.gram.teacher
-        self.teacher_temp, self.momentum, self.local_weight = 0.0, 0.0, 1.0
+        self._set_scalars(0)  # the values of step 0 until before_step sets a step's
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         if cfg.distill.teacher and cfg.gram.enabled:
             raise ConfigError("distillation has no Gram anchoring (docs/design/recipe.md §4.6): set gram.enabled=false")
+        if cfg.init.backbone_blocks is not None and not (cfg.init.backbone or cfg.distill.teacher):
+            raise ConfigError("init.backbone_blocks: the blocks of what? Set init.backbone (or distill.teacher)")
         if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
             raise ConfigError(
                 "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
@@ -144,7 +147,7 @@ class SSLRecipe(Recipe):
         models = [self.student, self.teacher]
         return ParallelPlan(
             trained=self.student,
-            sharded=[*models, *([self.gram_teacher] if self.gram_teacher is not None else [])],
+            sharded=[self.teacher, *([self.gram_teacher] if self.gram_teacher is not None else [])],
             compiled=models,
             dynamic=[head for m in models for head in (m.dino_head, m.ibot_head)],
             compiled_methods=["loss_terms"],
@@ -162,10 +165,13 @@ class SSLRecipe(Recipe):
             self.gram_teacher.eval()
         return self
 
-    def before_step(self, step: int) -> dict[str, float]:
+    def _set_scalars(self, step: int) -> None:
         s = self.schedules
         self.teacher_temp, self.momentum = s["teacher_temp"][step], s["momentum"][step]
         self.local_weight = s["dino_local_loss_weight"][step] if "dino_local_loss_weight" in s else 1.0
+
+    def before_step(self, step: int) -> dict[str, float]:
+        self._set_scalars(step)
         values = {"teacher_temp": self.teacher_temp, "momentum": self.momentum, "dino_local_weight": self.local_weight}
         if self.gram is not None:
             values.update(self.gram.before_step(step))

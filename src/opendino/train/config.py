@@ -224,6 +224,7 @@ def student_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
         tree = merge(base, entry, DICT_VALUES)
         tree["run"]["dir"] = str(Path(cfg.run.dir) / name)
         configs[name] = build(TrainConfig, tree)
+        configs[name].check()
     return configs
 
 

@@ -39,6 +39,7 @@ class DenseMonitor:
         """The metrics of ``backbone``; with a ``reference`` backbone (the Gram teacher) also the Gram loss
         between their patch features."""
         device = next(backbone.parameters()).device
+        modes = [(m, m.training) for m in (backbone, reference) if m is not None]
         out = backbone.eval()(self.images.to(device), is_training=True)
         patches = out["x_norm_patchtokens"].float().cpu()  # [N, P, D]
         cls = out["x_norm_clstoken"].float().cpu()
@@ -52,6 +53,8 @@ class DenseMonitor:
         if reference is not None:
             anchor = reference.eval()(self.images.to(device), is_training=True)["x_norm_patchtokens"].float()
             result["monitor_gram_distance"] = gram_loss(patches, anchor.cpu()).item()
+        for model, training in modes:  # a monitored model that trains goes on training as it did
+            model.train(training)
         return result
 
     def _retrieval_miou(self, patches: Tensor) -> float:

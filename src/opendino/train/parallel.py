@@ -96,13 +96,14 @@ def apply_data_parallel(plan: ParallelPlan, cfg: ParallelConfig, device: torch.d
             replicate(plan.trained, device_ids=[device.index] if device.type == "cuda" else None)
         return
     policy = _precision(cfg)
-    for model in plan.sharded:
+    for model in [plan.trained, *plan.sharded] if plan.trained is not None else plan.sharded:
         _fully_shard(model, policy)
 
 
 def parallelize(owner: nn.Module, cfg: ParallelConfig, compile: bool, world_size: int, device: torch.device) -> None:
     """Activation checkpointing -> compile -> data parallelism (only with more than one rank), for a recipe
     or a shared pass (``owner.parallel_plan()``)."""
+    cfg.check()  # the modes' one rule, also for callers that built the section themselves
     plan = owner.parallel_plan()
     apply_activation_checkpointing(plan, cfg.activation_checkpointing)
     if compile:

@@ -29,7 +29,7 @@ from ..config import merge, to_dict
 from ..data.pipeline import DataNeeds, DataPipeline, open_training_source
 from ..models import save_model
 from ..recipes import recipe_class
-from ..schedules import build_schedules, scale_lr
+from ..schedules import LOOP_SCHEDULES, build_schedules, scale_lr
 from .config import WHOLE_VALUES, TrainConfig, student_configs
 from .distributed import (
     DistributedEnv,
@@ -85,7 +85,7 @@ class Member:
             start, optimizer_state, saved_streams = step + 1, state["optimizer"], state["rng"]
             self.bad_steps, self.skipped = state["bad_steps"], state["skipped_images"]
             self.say(f"resuming {self.run_dir} after step {step}")
-            # settings added to OpenDINO since the run was started count at their defaults
+            # settings added since the run was started count at their defaults
             earlier = merge(to_dict(type(cfg)()), previous or {}, WHOLE_VALUES)
             if changed := runs.changed_settings(earlier, to_dict(cfg)):
                 self.say(f"warning: resumed with settings changed since the last start: {', '.join(changed)}")
@@ -101,10 +101,10 @@ class Member:
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(trained, self.optimizer, optimizer_state, options=options)
             for live, fresh in zip(self.optimizer.param_groups, groups, strict=True):
-                for key in fresh.keys() - {"params"}:  # settings of groups saved before they existed
-                    live.setdefault(key, fresh[key])
+                live["frozen_until"] = fresh["frozen_until"]  # this run's config, not the saved one
         scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=env.world_size)
-        self.schedules = build_schedules(cfg.schedules, cfg.optim.epochs, cfg.train.epoch_length, scale)
+        specs = {name: cfg.schedules[name] for name in LOOP_SCHEDULES}
+        self.schedules = build_schedules(specs, cfg.optim.epochs, cfg.train.epoch_length, scale)
         if env.is_main:
             self.log = MetricsLog(self.run_dir, cfg.log.tensorboard, resume_step=start)
         self.streams.leave()
@@ -164,8 +164,14 @@ class Member:
             "skipped_images": sum_over_ranks(self.skipped, self.device),
             "export_prefix": self.recipe.export_prefix(),
         }
+        error = None
         if self.env.is_main:
-            runs.save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
+            try:
+                runs.save_checkpoint(self.ckpt_dir, step, state, self.cfg.checkpoint.keep)
+            except runs.CheckpointWriteError as e:
+                error = e
+        if sum_over_ranks(int(error is not None), self.device):  # every rank stops, not only the writer
+            raise error or runs.CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
 
     def finish(self) -> None:
         """Exports the recipe's model (``teacher.safetensors``)."""
@@ -179,6 +185,7 @@ class Trainer:
     """Runs one configuration: its members, the shared data pipeline and the recipe's shared pass."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        cfg.check()  # a configuration built in Python is checked like one loaded from a preset
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.env, self.device = init_distributed(cfg.train.device)
@@ -224,7 +231,7 @@ class Trainer:
             print(
                 f"warning: train.steps={cfg.total_steps} runs past the end of the schedules (optim.epochs="
                 f"{cfg.optim.epochs:g} x train.epoch_length={cfg.train.epoch_length} = {schedule_end} steps): later "
-                "steps keep their end values (lr at its end, momentum at its end: the teacher may stop moving); "
+                "steps keep their end values (the lr and every other schedule at its end); "
                 "lengthen a run with optim.epochs"
             )
         if start >= cfg.total_steps and env.is_main:
@@ -256,9 +263,7 @@ class Trainer:
                 if (step + 1) % cfg.log.every == 0 or last:
                     self.log_window(step, results, bar)
                 if (step + 1) % cfg.checkpoint.every == 0 or last:
-                    for member in self.members:
-                        member.read_pending_flags()
-                        member.save(step)
+                    self.checkpoint_window(step)
                 bar.update()
         finally:
             bar.close()
@@ -269,6 +274,12 @@ class Trainer:
             member.finish()
         close_distributed()
         return self.run_dir
+
+    def checkpoint_window(self, step: int) -> None:
+        """Every member's finite flags read (a diverged run stops before it is saved), then its checkpoint."""
+        for member in self.members:
+            member.read_pending_flags()
+            member.save(step)
 
     def log_window(self, step: int, results: list[StepResult], bar: tqdm) -> None:
         """The records of a logging point: every member's metrics since the last one (on the main rank),
