@@ -144,6 +144,18 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.train.steps if self.train.steps is not None else int(self.optim.epochs * self.train.epoch_length)
 
+    def past_schedules_warning(self) -> str | None:
+        """What to tell a user whose ``train.steps`` runs past the end of the schedules."""
+        schedule_end = round(self.optim.epochs * self.train.epoch_length)
+        if self.total_steps <= schedule_end:
+            return None
+        return (
+            f"warning: train.steps={self.total_steps} runs past the end of the schedules (optim.epochs="
+            f"{self.optim.epochs:g} x train.epoch_length={self.train.epoch_length} = {schedule_end} steps): later "
+            "steps keep their end values (lr at its end, momentum at its end: the teacher may stop moving); "
+            "lengthen a run with optim.epochs"
+        )
+
     def check(self) -> None:
         """Every section's own check, then the rules that join sections (exit code 2, nothing written)."""
         for f in dataclasses.fields(self):

@@ -226,14 +226,8 @@ class Trainer:
             self.monitor = DenseMonitor(
                 size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval
             )
-        schedule_end = round(cfg.optim.epochs * cfg.train.epoch_length)
-        if cfg.total_steps > schedule_end and env.is_main:
-            print(
-                f"warning: train.steps={cfg.total_steps} runs past the end of the schedules (optim.epochs="
-                f"{cfg.optim.epochs:g} x train.epoch_length={cfg.train.epoch_length} = {schedule_end} steps): later "
-                "steps keep their end values (the lr and every other schedule at its end); "
-                "lengthen a run with optim.epochs"
-            )
+        if (warning := cfg.past_schedules_warning()) and env.is_main:
+            print(warning)
         if start >= cfg.total_steps and env.is_main:
             print(f"nothing to run: {self.run_dir} already holds steps 0-{start - 1} (train.steps={cfg.total_steps})")
         return start
