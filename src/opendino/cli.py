@@ -197,6 +197,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from opendino.eval.suite import TASKS, evaluate
+    from opendino.eval.text import TEMPLATES
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     unknown = [t for t in tasks if t not in TASKS]
@@ -206,6 +207,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: not a folder; give DIR (with train/ and val/) or synthetic")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
+    if args.classnames is not None and not Path(args.classnames).is_file():
+        raise UsageError(f"--classnames {args.classnames}: not a file (one class name per line)")
+    if args.templates is not None and args.templates not in TEMPLATES and not Path(args.templates).is_file():
+        valid = ", ".join(TEMPLATES)
+        raise UsageError(f"--templates {args.templates}: valid: {valid}, or a file of templates with {{}}")
     if not Path(args.model).exists():
         from opendino.models import MODELS
 
@@ -221,12 +227,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n_val=args.n_val,
         device=args.device,
         batch_size=args.batch_size,
+        classnames=args.classnames,
+        templates=args.templates,
     )
-    print(f"\n{'task':<8} {'metric':<15} {'trained':>9} {'random init':>12}")
+    from opendino.eval.report import SETTINGS, chance
+
+    print(f"\n{'task':<9} {'metric':<17} {'trained':>9} {'random init':>12} {'chance':>8}")
     for task in tasks:
-        for metric, value in results["trained"][task].items():
-            if isinstance(value, float) and metric not in ("lr", "C"):
-                print(f"{task:<8} {metric:<15} {value:>9.4f} {results['random_init'][task][metric]:>12.4f}")
+        row = results["trained"][task]
+        for metric, value in row.items():
+            if isinstance(value, float) and metric not in SETTINGS and not metric.startswith("chance_"):
+                level = chance(row, metric)
+                shown = "" if level is None else f"{level:.4f}"
+                print(f"{task:<9} {metric:<17} {value:>9.4f} {results['random_init'][task][metric]:>12.4f} {shown:>8}")
+        if "skipped" in row:
+            print(f"{task:<9} skipped: {row['skipped']}")
     print(f"\nreport: {results['meta']['report']}")
     return 0
 
@@ -383,17 +398,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="k-NN, linear, logistic regression, dense segmentation, depth, correspondence vs random init",
+        help="k-NN, linear, logistic regression, dense segmentation, depth, correspondence (and zero-shot, "
+        "retrieval, open-vocabulary segmentation of text runs) vs random init",
         description="Evaluates a run folder (its teacher), a checkpoint file or a registered model beside a "
         "random-initialised model of the same architecture. Writes results.json, report.md, results.png and "
-        "pictures.png into RUN/eval (or --out). Features are cached in float16 under <out>/cache.",
+        "pictures.png into RUN/eval (or --out). Features are cached in float16 under <out>/cache. The text "
+        "tasks (zeroshot, retrieval, ovseg) need a run of the text recipe (text.safetensors beside "
+        "teacher.safetensors); their random init keeps the backbone and re-initialises the vision head and "
+        "text tower.",
     )
     p.add_argument("model", help="run folder, checkpoint file or registered name")
     p.add_argument("--data", default="synthetic", help="synthetic, or DIR with train/<class>/ and val/<class>/")
     p.add_argument(
         "--tasks",
         default="knn,linear,logreg,seg,depth,corr",
-        help="comma-separated subset of knn, linear, logreg, seg, depth, corr (default: all)",
+        help="comma-separated subset of knn, linear, logreg, seg, depth, corr, and for a text run zeroshot, "
+        "retrieval, ovseg (default: the six image tasks)",
+    )
+    p.add_argument(
+        "--classnames",
+        default=None,
+        help="text tasks: a file with one class name per line, in the sorted order of the class folders "
+        "(default: the folder names; _ becomes a space)",
+    )
+    p.add_argument(
+        "--templates",
+        default=None,
+        help="text tasks: simple, synthetic, or a file with one prompt template per line containing {} "
+        "(default: synthetic for --data synthetic, else simple)",
     )
     p.add_argument("--out", default=None, help="report folder (default: RUN/eval)")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: the run's global crop)")

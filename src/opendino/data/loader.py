@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -94,6 +95,37 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
         return 2**62
 
 
+class Loadable(Protocol):
+    """What ``load_or_replace`` reads: an image source, or a source of image–caption pairs."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Tensor | None: ...
+
+    def path(self, index: int) -> str: ...
+
+
+def load_or_replace(
+    source: Loadable, index: int, skip: frozenset[int] = frozenset(), decode: bool = True
+) -> tuple[Tensor | None, int, list[str]]:
+    """The image at ``index`` or, if it cannot be decoded, the next readable one (wrapping around): a
+    deterministic replacement, the same wherever and whenever the sample is drawn. Returns the image, the
+    index actually used and the paths of the unreadable images passed over. Indices in ``skip`` are known
+    to be unreadable and passed over unread; without ``decode`` only they are, and the image is None (the
+    same replacements, when ``skip`` holds every unreadable image, without reading any)."""
+    skipped = []
+    for _ in range(MAX_RETRIES):
+        if index not in skip:
+            img = source.load(index) if decode else None
+            if img is not None or not decode:
+                return img, index, skipped
+        skipped.append(source.path(index))
+        index = (index + 1) % len(source)
+    raise RuntimeError(f"{MAX_RETRIES} unreadable images in a row in {source.name}: {skipped[:3]} ...")
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Decodes a source image and makes its uint8 crops (``photometric`` runs per sample or batched), or,
     with ``crops_on_device``, only draws their boxes: the image travels whole and the crops are cut batched
@@ -118,16 +150,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, ref: SampleRef) -> dict:
-        skipped = []
-        index = ref.index
-        for _ in range(MAX_RETRIES):
-            img = self.source.load(index)
-            if img is not None:
-                break
-            skipped.append(self.source.path(index))
-            index = (index + 1) % len(self.source)  # deterministic replacement
-        else:
-            raise RuntimeError(f"{MAX_RETRIES} unreadable images in a row in {self.source.name}: {skipped[:3]} ...")
+        img, index, skipped = load_or_replace(self.source, ref.index)
         gen = torch.Generator().manual_seed(ref.seed)
         multicrop = self.multicrops[ref.crop_set]
         if self.crops_on_device:

@@ -2,7 +2,9 @@
 
 Workers decode, crop (uint8) and collate with the masks a recipe asks for; the device stage then cuts
 the crops (``data.crops_on_device``) and distorts them (``data.photometric_on_device``) batched on the
-device. A recipe reads the keys of :class:`Batch`; docs/design/data-flow.md follows one step.
+device. A recipe reads the keys of :class:`Batch`; docs/design/data-flow.md follows one step. A recipe
+that asks for image–caption pairs (``DataNeeds.captions``) gets one crop per image, tokenized captions and
+the pair indices instead (opendino.data.captions), normalised on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from opendino.data.augment import CropConfig, MultiCrop
+from opendino.data.augment import CropConfig, MultiCrop, normalize
+from opendino.data.captions import CaptionedSource, as_captioned, build_pair_loader
 from opendino.data.config import CropsConfig, DataConfig
 from opendino.data.loader import build_ssl_loader
 from opendino.data.sources import ImageSource, open_source
@@ -36,6 +39,10 @@ Batch = TypedDict(
         "labels": Tensor,  # [B] the source's labels (class folders, CSV labels, synthetic classes; else 0)
         "skipped": list,  # the paths of unreadable images replaced in this batch
         "teacher_logits": tuple,  # added by a recipe's shared pass (a frozen teacher's CLS and patch logits)
+        # Image–caption pairs (DataNeeds.captions), with "labels" and "skipped" above:
+        "image": Tensor,  # [B, 3, S, S] float, normalised: one random resized crop per image (DataNeeds.images)
+        "tokens": Tensor,  # [B, context_length] long: the tokenized captions (opendino.data.tokenizer)
+        "indices": Tensor,  # [B] long: the pairs' indices in DataPipeline.captioned(source), after replacement
     },
     total=False,
 )
@@ -60,6 +67,22 @@ class DataNeeds:
     extra_crops: bool = False
     extra_crop_scale: float = 2.0
     extra_crops_undistorted: bool = True
+    # Image–caption pairs instead of the SSL views: one crop per image (crops.global_size, global_scale,
+    # horizontal_flips), no multi-crop and no masks; without ``images`` nothing is decoded (a recipe with
+    # precomputed image features reads ``indices``).
+    captions: bool = False
+    images: bool = True
+    context_length: int = 77  # of the caption tokens
+    # Pair indices known to be unreadable (a feature cache's): replaced by the next pair, unread, exactly
+    # as an unreadable image is when decoded, so ``images=False`` draws the indices ``images=True`` would.
+    skip: frozenset[int] = frozenset()
+    caption_clauses: float = 0.0  # probability that a caption is replaced by one of its clauses
+
+    def __post_init__(self) -> None:
+        if self.captions and (self.masks is not None or self.extra_crops):
+            raise ValueError("DataNeeds: image–caption pairs come without masks and extra crops")
+        if not self.captions and (not self.images or self.skip):
+            raise ValueError("DataNeeds: images=False and skip are for image–caption pairs (captions=True)")
 
 
 class DataPipeline:
@@ -96,10 +119,46 @@ class DataPipeline:
             for row in rows
         ]
         self.crop_odds = [float(row[3]) for row in rows]
+        self._captioned: tuple[ImageSource, CaptionedSource] | None = None
+
+    def captioned(self, source: ImageSource) -> CaptionedSource:
+        """The image–caption pairs of ``source`` the loader draws from (indexed once per source), so that a
+        recipe can precompute, say, image features over the same ``indices``."""
+        if self._captioned is None or self._captioned[0] is not source:
+            self._captioned = (source, as_captioned(source))
+        return self._captioned[1]
+
+    def _pair_loader(self, source: ImageSource, start: int) -> DataLoader:
+        crops = self.crops
+        return build_pair_loader(
+            self.captioned(source),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            start_step=start,
+            num_workers=self.data.num_workers,
+            image_size=crops.global_size if self.needs.images else None,
+            scale=tuple(crops.global_scale),
+            flips=crops.horizontal_flips,
+            context_length=self.needs.context_length,
+            skip=self.needs.skip,
+            clause_probability=self.needs.caption_clauses,
+        )
+
+    def _pair_batches(self, source: ImageSource, start: int) -> Iterator[Batch]:
+        for batch in self._pair_loader(source, start):
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if "images" in batch:  # normalised on the device, like the photometric stage
+                batch["image"] = normalize(batch.pop("images"), self.crops.mean, self.crops.std)
+            yield batch
 
     def loader(self, source: ImageSource, start: int) -> DataLoader:
         """The worker side: decode, crop (uint8; only draw the crop boxes with ``data.crops_on_device``),
-        distort (unless ``data.photometric_on_device``) and collate with the masks."""
+        distort (unless ``data.photometric_on_device``) and collate with the masks; with ``needs.captions``
+        image–caption pairs instead (``build_pair_loader``)."""
+        if self.needs.captions:
+            return self._pair_loader(source, start)
         masks = self.needs.masks
         return build_ssl_loader(
             source,
@@ -122,7 +181,11 @@ class DataPipeline:
         )
 
     def batches(self, source: ImageSource, start: int) -> Iterator[Batch]:
-        """The loader's batches on the device, with the crops cut and distorted there as configured."""
+        """The loader's batches on the device, with the crops cut and distorted there as configured (with
+        ``needs.captions``: the pairs, images normalised to ``image``)."""
+        if self.needs.captions:
+            yield from self._pair_batches(source, start)
+            return
         multicrops = [MultiCrop(c) for c in self.crop_sets]
         for batch in self.loader(source, start):
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}

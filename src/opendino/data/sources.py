@@ -1,12 +1,13 @@
 """Image sources behind one interface: a folder, a file list, tar shards, or the synthetic world.
 
 Every source is an indexable collection of ``(path, label)`` records with ``load(i) -> uint8 [3, H, W]
-tensor or None``. ``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` list,
-``.tar`` shards given as a file, a glob or a folder of shards) or ``open_source(source="synthetic")``.
+tensor or None``. ``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` / ``.tsv``
+list, ``.tar`` shards given as a file, a glob or a folder of shards) or ``open_source(source="synthetic")``.
 Unreadable images never stop a job: ``load`` returns None, and callers skip, count and report them.
 
-Tar shards use the webdataset layout (``<key>.<ext>`` members, an optional ``<key>.cls`` label); they are
-indexed once and read by random access, so every source shares one seeded, resumable sampler.
+Tar shards use the webdataset layout (``<key>.<ext>`` members, an optional ``<key>.cls`` label and ``<key>.txt``
+caption); they are indexed once and read by random access, so every source shares one seeded, resumable sampler.
+Captions (a CSV/TSV column, tar text members) are kept on the source; opendino.data.captions pairs them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-LIST_EXTENSIONS = (".txt", ".csv")
+LIST_EXTENSIONS = (".txt", ".csv", ".tsv")
+CAPTION_COLUMNS = ("caption", "text", "title")  # a CSV/TSV header naming one makes a captioned list
 # Dense labels stored beside images (see docs/data.md) are not images of the data set.
 LABEL_SUFFIXES = (".seg", ".inst", ".depth", ".view2")
 MAX_SIDE = 4096  # larger images are reduced on decode (JPEG draft mode) and then resized
@@ -80,6 +82,9 @@ class ImageSource(torch.utils.data.Dataset):
     """Indexable records ``(path, label)``; ``label`` is -1 when the source has none."""
 
     classes: list[str] = []
+    # Per-record captions where the source itself carries them (a captioned CSV/TSV list, tar shards; None
+    # where a record has none), else None; undecodable bytes are kept as surrogates, to be reported.
+    captions: list[str | None] | None = None
 
     def __init__(self, records: Sequence[tuple[str, int]], name: str) -> None:
         self.records = list(records)
@@ -123,30 +128,49 @@ class FolderSource(ImageSource):
 
 
 class ListSource(ImageSource):
-    """A ``.txt`` list (one path per line, taken whole) or a ``.csv`` list (``path[,label]``, optional header;
-    labels are integers, or class names numbered in sorted order as folder classes are); relative paths are
-    relative to the list's folder."""
+    """A ``.txt`` list (one path per line, taken whole), a ``.csv`` list (``path[,label]``, optional header;
+    labels are integers, or class names numbered in sorted order as folder classes are) or a ``.tsv`` list
+    (``path<TAB>caption``, optional header); relative paths are relative to the list's folder. A CSV or TSV
+    header naming a ``caption``, ``text`` or ``title`` column makes a captioned list: that column is the
+    caption, a ``label`` column the label and a ``path`` column (else the first other one) the path."""
 
     def __init__(self, list_file: str | Path) -> None:
         list_file = Path(list_file)
-        if list_file.suffix.lower() == ".csv":
-            with list_file.open(newline="") as f:
-                rows = [[cell.strip() for cell in row] for row in csv.reader(f) if row and row[0].strip()]
+        suffix = list_file.suffix.lower()
+        # Bytes that are not UTF-8 survive as surrogates (as os.fsdecode gives file names): one bad caption
+        # is reported by opendino.data.captions instead of failing the whole list.
+        if suffix in (".csv", ".tsv"):
+            with list_file.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+                dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+                rows = [row for row in csv.reader(f, **dialect) if any(cell.strip() for cell in row)]
         else:
-            rows = [[line.strip()] for line in list_file.read_text().splitlines() if line.strip()]
-        if rows and Path(rows[0][0]).suffix.lower() not in IMAGE_EXTENSIONS:
-            rows = rows[1:]  # a header
-        labels = [row[1] if len(row) > 1 else "" for row in rows]
-        named = [x for x in labels if x]
-        classes = [] if all(x.lstrip("-").isdigit() for x in named) else sorted(set(named))
-        ids = {x: i for i, x in enumerate(classes)} if classes else {x: int(x) for x in named}
+            text = list_file.read_text(encoding="utf-8", errors="surrogateescape")
+            rows = [[line.strip()] for line in text.splitlines() if line.strip()]
+        header = []
+        if rows and Path(rows[0][0].strip()).suffix.lower() not in IMAGE_EXTENSIONS:
+            header = [cell.strip().lower() for cell in rows.pop(0)]
+        named = [header.index(c) for c in CAPTION_COLUMNS if c in header]
+        caption_col = named[0] if named else 1 if suffix == ".tsv" else None
+        if caption_col is None:  # today's list: path[,label], whatever the header says
+            path_col, label_col = 0, 1
+        else:
+            path_col = header.index("path") if "path" in header else int(caption_col == 0)
+            label_col = header.index("label") if "label" in header else None
+        rows = [row for row in rows if len(row) > path_col and row[path_col].strip()]
+        cell = lambda row, col: row[col].strip() if col is not None and len(row) > col else ""  # noqa: E731
+        labels = [cell(row, label_col) for row in rows]
+        named_labels = [x for x in labels if x]
+        classes = [] if all(x.lstrip("-").isdigit() for x in named_labels) else sorted(set(named_labels))
+        ids = {x: i for i, x in enumerate(classes)} if classes else {x: int(x) for x in named_labels}
         records = []
         for row, label in zip(rows, labels, strict=True):
-            path = Path(row[0])
+            path = Path(row[path_col].strip())
             path = path if path.is_absolute() else list_file.parent / path
             records.append((str(path), ids[label] if label else -1))
         super().__init__(records, str(list_file))
         self.classes = classes
+        if caption_col is not None:  # raw cells (whitespace kept: a blank caption is reported as such)
+            self.captions = [row[caption_col] if len(row) > caption_col and row[caption_col] else None for row in rows]
 
 
 class TarShardSource(ImageSource):
@@ -155,21 +179,25 @@ class TarShardSource(ImageSource):
     def __init__(self, shards: Sequence[str | Path]) -> None:
         self.shards = [str(s) for s in shards]
         self._index: list[tuple[int, int, int]] = []  # (shard, offset, size) of each image member
-        records = []
+        records, self.captions = [], []
         for shard_id, shard in enumerate(self.shards):
             with tarfile.open(shard) as tar:
                 members = [m for m in tar.getmembers() if m.isfile()]
-            labels = {}
+            labels, texts = {}, {}
             with open(shard, "rb") as f:
                 for m in members:
                     if m.name.endswith(".cls"):
                         f.seek(m.offset_data)
                         labels[m.name.rsplit(".", 1)[0]] = int(f.read(m.size).decode().strip() or -1)
+                    elif m.name.endswith(".txt"):  # a caption: small, read now
+                        f.seek(m.offset_data)
+                        texts[m.name.rsplit(".", 1)[0]] = f.read(m.size).decode("utf-8", errors="surrogateescape")
             for m in members:
                 key, _, ext = m.name.rpartition(".")
                 if f".{ext.lower()}" in IMAGE_EXTENSIONS:
                     self._index.append((shard_id, m.offset_data, m.size))
                     records.append((f"{shard}:{m.name}", labels.get(key, -1)))
+                    self.captions.append(texts.get(key))
         super().__init__(records, ", ".join(self.shards[:3]) + (" ..." if len(self.shards) > 3 else ""))
 
     def load(self, index: int) -> Tensor | None:
@@ -234,7 +262,7 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
         if source is None and shards:
             raise ValueError(f"{p} holds both .tar shards and images: set data.source=tar or data.source=folder")
         if source == "list":
-            raise ValueError(f"data.source=list needs a .txt or .csv file, not the folder {p}")
+            raise ValueError(f"data.source=list needs a .txt or .csv file (or a .tsv list), not the folder {p}")
         return FolderSource(p)
     if source == "folder":
         raise ValueError(f"data.source=folder needs a folder, not the file {p}")
@@ -243,10 +271,10 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
     if p.suffix.lower() in LIST_EXTENSIONS and source in (None, "list"):
         return ListSource(p)
     if source == "list":
-        raise ValueError(f"data.source=list needs a .txt or .csv file, not {p}")
+        raise ValueError(f"data.source=list needs a .txt or .csv file (or a .tsv list), not {p}")
     if source is None and is_image(p):
         return ImageSource([(str(p), -1)], str(p))
-    raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv list or .tar shards")
+    raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv/.tsv list or .tar shards")
 
 
 def list_images(path: str | Path) -> list[Path]:

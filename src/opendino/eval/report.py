@@ -22,6 +22,20 @@ HEADLINE = {
     "depth": "delta1",
     "corr": "recall_1patch",
 }
+# Kept apart from HEADLINE, whose tasks every image evaluation has (the demo prints them all).
+TEXT_HEADLINE = {"zeroshot": "top1", "retrieval": "image_to_text_r1", "ovseg": "miou"}
+# Entries of a task's dict that describe it rather than score it: not rows of the table.
+SETTINGS = {"lr", "C", "n_classes", "n_templates", "templates", "n_pairs"}
+
+
+def chance(task: dict, metric: str) -> float | None:
+    """The chance level of a metric, where the task reports one (``chance_top1`` for ``top1``,
+    ``chance_r5`` for ``image_to_text_r5``)."""
+    for key, value in task.items():
+        level = key.removeprefix("chance_")
+        if key.startswith("chance_") and (metric == level or metric.endswith(f"_{level}")):
+            return value
+    return None
 
 
 def _bar_chart(results: dict, path: Path) -> None:
@@ -30,12 +44,13 @@ def _bar_chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    tasks = [t for t in HEADLINE if t in results["trained"] and HEADLINE[t] in results["trained"][t]]
+    headline = {**HEADLINE, **TEXT_HEADLINE}
+    tasks = [t for t in headline if t in results["trained"] and headline[t] in results["trained"][t]]
     fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.2))
     for offset, (name, colour) in zip((-0.2, 0.2), (("trained", "tab:blue"), ("random_init", "tab:gray")), strict=True):
-        values = [results[name][t][HEADLINE[t]] for t in tasks]
+        values = [results[name][t][headline[t]] for t in tasks]
         ax.bar([i + offset for i in range(len(tasks))], values, width=0.4, label=name.replace("_", " "), color=colour)
-    ax.set_xticks(range(len(tasks)), [f"{t}\n{HEADLINE[t]}" for t in tasks], fontsize=8)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n{headline[t]}" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -76,20 +91,36 @@ def write_report(out: Path, results: dict, models: dict[str, nn.Module], images:
         f"`{meta['data']}` ({meta['n_train']} train / {meta['n_val']} val images, {len(meta['classes'])} classes), "
         f"{meta['resolution']} px, {meta['date']}.",
         "",
-        "| task | metric | trained | random init | better |",
-        "|---|---|---|---|---|",
+        "| task | metric | trained | random init | chance | better |",
+        "|---|---|---|---|---|---|",
     ]
     for task in meta["tasks"]:
         trained, floor = results["trained"].get(task, {}), results["random_init"].get(task, {})
         if "skipped" in trained:
-            lines.append(f"| {task} | skipped: {trained['skipped']} | | | |")
+            lines.append(f"| {task} | skipped: {trained['skipped']} | | | | |")
             continue
         for metric, value in trained.items():
-            if metric in ("lr", "C"):
+            if metric in SETTINGS or metric.startswith("chance_"):
                 continue
-            base = floor.get(metric)
+            base, level = floor.get(metric), chance(trained, metric)
             better = (value < base) if metric in LOWER_IS_BETTER else (value > base)
-            lines.append(f"| {task} | {metric} | {_fmt(value)} | {_fmt(base)} | {'yes' if better else 'no'} |")
+            lines.append(
+                f"| {task} | {metric} | {_fmt(value)} | {_fmt(base)} | {'' if level is None else _fmt(level)} "
+                f"| {'yes' if better else 'no'} |"
+            )
+    text = meta.get("text")
+    if text:
+        zeroshot = results["trained"].get("zeroshot", {})
+        lines += [
+            "",
+            f"Text tasks (zeroshot, retrieval, ovseg): random init is {text['random_init']}, so the gap is what "
+            f"the text training added. Templates `{text['templates']}` ({len(text['prompts'])}: "
+            f"{'; '.join(f'`{p}`' for p in text['prompts'][:5])}{'; ...' if len(text['prompts']) > 5 else ''}); "
+            f"class texts: {', '.join(f'`{c}`' for c in text['classnames'][:20])}"
+            f"{', ...' if len(text['classnames']) > 20 else ''}"
+            + (f" ({zeroshot['n_classes']} classes)" if "n_classes" in zeroshot else "")
+            + ". Open-vocabulary segmentation rows: the background prompts, then the classes by segmentation id.",
+        ]
     lines += [
         "",
         "![headline metrics](results.png)",

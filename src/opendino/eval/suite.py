@@ -1,6 +1,10 @@
 """``opendino eval``: every evaluation of a model beside a random-initialised model of the same
 architecture, on the synthetic world or a user's labelled folder, written to ``results.json`` and
-``report.md`` (with plots and PCA / similarity pictures)."""
+``report.md`` (with plots and PCA / similarity pictures).
+
+The image tasks run on the backbone (``teacher.safetensors``); the text tasks (eval/text.py) on the
+text-aligned model of a text run (``text.safetensors`` beside it), whose random-init twin keeps the trained
+backbone and re-initialises the vision head and text tower: the gap is what the text training added."""
 
 from __future__ import annotations
 
@@ -26,11 +30,21 @@ from opendino.eval.data import (
 from opendino.eval.dense import linear_depth, linear_segmentation
 from opendino.eval.features import Features, cached_features
 from opendino.eval.linear import linear_probe, logistic_regression
+from opendino.eval.text import (
+    TEXT_TASKS,
+    class_text,
+    random_text_like,
+    resolve_classnames,
+    resolve_templates,
+    run_text_tasks,
+)
 from opendino.models import load_model
+from opendino.models.checkpoint import CheckpointError
 from opendino.models.registry import LVD_MEAN, LVD_STD, create, normalisation
 from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
-TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
+IMAGE_TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
+TASKS = (*IMAGE_TASKS, *TEXT_TASKS)
 DENSE_TASKS = ("seg", "depth", "corr")
 
 
@@ -145,10 +159,35 @@ def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, setting
     return results
 
 
+def text_model_file(source: str | Path, text_tasks: tuple[str, ...] | list[str]) -> Path:
+    """The ``text.safetensors`` of ``source`` (a run folder or the file itself), or a CheckpointError that
+    says what the text tasks need and how to get it; checked before any work is done."""
+    from opendino.models.text import TEXT_EXPORT
+
+    path = Path(source)
+    file = path / TEXT_EXPORT if path.is_dir() else path
+    if file.name == TEXT_EXPORT and file.is_file():
+        return file
+    if path.is_dir():
+        why = f"the folder has no {TEXT_EXPORT}"
+    elif path.exists():
+        why = f"it is a backbone checkpoint, not a {TEXT_EXPORT}"
+    else:
+        why = "a registered backbone has no text tower"
+    raise CheckpointError(
+        f"--tasks {','.join(text_tasks)} need a text-aligned model, and {source} is not one ({why}). zeroshot "
+        "and retrieval compare images with texts through a vision head and a text tower; ovseg compares patches "
+        f"with texts through the vision head's patch embeddings. A run of the text recipe holds them in "
+        f"{TEXT_EXPORT} beside its {runs.EXPORT}: train one with `opendino train configs/text/demo.yaml "
+        f"init.backbone=RUN` (docs/text.md) and evaluate that run folder, or leave these tasks out (the image "
+        f"tasks {','.join(IMAGE_TASKS)} need only the backbone)"
+    )
+
+
 def evaluate(
     source: str | Path,
     data: str = "synthetic",
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = IMAGE_TASKS,
     out: str | Path | None = None,
     resolution: int | None = None,
     n_train: int = 1000,
@@ -157,17 +196,37 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = True,
     log=print,
+    classnames: str | Path | list[str] | None = None,
+    templates: str | Path | list[str] | None = None,
 ) -> dict:
-    """Evaluates ``source`` and a random-initialised twin; writes ``results.json`` and ``report.md``."""
+    """Evaluates ``source`` and a random-initialised twin; writes ``results.json`` and ``report.md``.
+
+    Text tasks (``zeroshot``, ``retrieval``, ``ovseg``) need a text run (``text_model_file``); ``classnames``
+    (a file, one per line in the sorted order of the class folders) replaces the folder names as the class
+    texts, ``templates`` is ``simple``, ``synthetic`` or a file of templates with ``{}`` (default: ``synthetic``
+    on synthetic data, else ``simple``)."""
     from opendino.eval.report import write_report
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(TASKS)}")
+    image_tasks = tuple(t for t in tasks if t in IMAGE_TASKS)
+    text_tasks = tuple(t for t in tasks if t in TEXT_TASKS)
+    text_model, template_set = None, None
+    if text_tasks:
+        # Before any model is loaded or data written: a model without a text tower fails here.
+        text_file = text_model_file(source, text_tasks)
+        template_set = resolve_templates(templates, synthetic=data == "synthetic")
+        if Path(source).is_file():
+            source = text_file.parent  # the run folder: its teacher, config and eval/ folder
     model, info = resolve_model(source)
     res = resolution or info["resolution"]
     if res % model.feature_stride:
         raise ValueError(f"resolution {res} is not a multiple of the model's stride {model.feature_stride}")
+    if text_tasks:
+        from opendino.models.text import load_text_model
+
+        text_model = load_text_model(text_file, device=device)
     out = Path(out) if out is not None else info["out"]
     cache = out / "cache"
     root = synthetic_folder(cache, n_train, n_val, res) if data == "synthetic" else Path(data)
@@ -180,11 +239,29 @@ def evaluate(
         "progress": progress,
         "cache": cache,
     }
+    text_inputs = {}
+    if text_tasks:
+        from opendino.data.synthetic import CLASSES
+
+        names = resolve_classnames(splits["val"].classes, classnames)
+        # Segmentation ids are 1 + class: the synthetic world numbers its classes in its own order (not the
+        # sorted folder order), a user's folder in the sorted order of its class folders.
+        text_of = dict(zip(splits["val"].classes, names, strict=True))
+        seg_names = [text_of.get(c, class_text(c)) for c in CLASSES] if data == "synthetic" else names
+        text_inputs = {"classnames": names, "templates": template_set, "seg_classnames": seg_names}
     results = {}
     models = {"trained": model, "random_init": random_init_like(model)}
     for name, m in models.items():
-        log(f"{name}:")
-        results[name] = run_tasks(m.to(device).eval(), splits, tasks, settings, log)
+        m.to(device).eval()  # on the device even without image tasks: the report's pictures use it
+        results[name] = {}
+        if image_tasks:
+            log(f"{name}:")
+            results[name] = run_tasks(m, splits, image_tasks, settings, log)
+    if text_tasks:
+        text_models = {"trained": text_model, "random_init": random_text_like(text_model)}
+        text_results = run_text_tasks(text_models, splits["val"], text_tasks, settings, log=log, **text_inputs)
+        for name, row in text_results.items():
+            results[name].update(row)
     results["meta"] = {
         "model": str(source),
         "data": str(root),
@@ -196,5 +273,13 @@ def evaluate(
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "report": str(out / "report.md"),
     }
+    if text_tasks:
+        results["meta"]["text"] = {
+            "classnames": text_inputs["classnames"],
+            "templates": template_set[0],
+            "prompts": list(template_set[1]),
+            "ovseg_classes": ["background", *text_inputs["seg_classnames"]],
+            "random_init": "the same backbone with a freshly initialised vision head and text tower (seed 0)",
+        }
     write_report(out, results, models, splits["val"].paths[:4], settings)
     return results

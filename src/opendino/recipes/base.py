@@ -42,7 +42,10 @@ class ParallelPlan:
 
 
 class Recipe(nn.Module):
-    """Base class of training recipes; subclasses implement every method that raises here."""
+    """Base class of training recipes; subclasses implement every method that raises here.
+
+    A recipe may own a configuration section: a field of ``TrainConfig`` whose dataclass (with its
+    ``check()``) lives beside the recipe (``text`` in recipes/text.py, ``gram`` in recipes/gram.py)."""
 
     # Names of the run's `schedules` the recipe reads (besides the loop's lr and weight_decay).
     REQUIRED_SCHEDULES: tuple[str, ...] = ()
@@ -108,9 +111,19 @@ class Recipe(nn.Module):
         names = {id(m): n for n, m in self.named_modules()}
         return f"{names[id(self.export_module())]}."
 
+    def extra_exports(self) -> dict[str, tuple[nn.Module, Callable]]:
+        """Files written beside the export at the end of a run: name -> (module, ``writer(module, path,
+        full_state)``); the loop gathers each module's full state on every rank and the main rank writes."""
+        return {}
+
     def monitored(self) -> tuple[nn.Module, nn.Module | None]:
         """The backbone the dense monitor measures, and a reference backbone to compare it with."""
         return self.export_module(), None
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The recipe's own held-out metrics, every ``monitor.every`` steps (on every rank: a sharded model
+        needs all of them), logged with the step's record."""
+        return {}
 
 
 @torch.no_grad()

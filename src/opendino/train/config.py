@@ -24,6 +24,7 @@ from opendino.recipes.config import (
     ModelConfig,
 )
 from opendino.recipes.gram import GramConfig
+from opendino.recipes.text import TextConfig
 from opendino.schedules import LOOP_SCHEDULES, SCALING_RULES, ScheduleSpec
 
 
@@ -115,6 +116,7 @@ class MonitorConfig:
     n_fit: int = 256  # synthetic scenes the monitor's probes are fitted on
     n_eval: int = 128  # held-out scenes they are scored on
     size: int | None = None  # default: the global crop size
+    dense: bool = True  # the dense probes above; off: only the recipe's own held-out metrics (text: zero-shot)
 
     def check(self) -> None:
         check_minima("monitor", self, {"every": 0})
@@ -139,6 +141,7 @@ class TrainConfig:
     gram: GramConfig = dataclasses.field(default_factory=GramConfig)
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)  # the text recipe's (train.recipe=text)
 
     @property
     def total_steps(self) -> int:

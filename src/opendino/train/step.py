@@ -32,7 +32,7 @@ def train_step(
 ) -> StepResult:
     """``step``: the index handed to ``recipe.after_update``; ``clip_grad``: the max gradient norm per
     clipping unit of the recipe (0: measure only)."""
-    device = batch["global"].device
+    device = batch["labels"].device  # every recipe's batch has labels (on the device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss, terms = recipe(batch)
     optimizer.zero_grad(set_to_none=True)

@@ -179,6 +179,10 @@ class Member:
         weights = get_model_state_dict(module, options=FULL_STATE)
         if self.env.is_main:
             save_model(module, self.run_dir / runs.EXPORT, state=weights)
+        for name, (module, writer) in self.recipe.extra_exports().items():
+            weights = get_model_state_dict(module, options=FULL_STATE)
+            if self.env.is_main:
+                writer(module, self.run_dir / name, weights)
 
 
 class Trainer:
@@ -220,7 +224,7 @@ class Trainer:
             parallelize(self.shared, cfg.parallel, cfg.train.compile, env.world_size, self.device)
         self.batches = self.pipeline(members[0].recipe.data_needs(self.shared)).batches(self.source, start)
         self.monitor = None
-        if cfg.monitor.every:
+        if cfg.monitor.every and cfg.monitor.dense:
             patch = getattr(members[0].recipe.export_module(), "patch_size", 16)
             size = cfg.monitor.size or cfg.crops.global_size
             self.monitor = DenseMonitor(
@@ -288,9 +292,11 @@ class Trainer:
             if not member.read_pending_flags():
                 continue
             record = member.record(step, result, images_per_s)
-            if self.monitor is not None and (step + 1) % self.cfg.monitor.every == 0:
+            if self.cfg.monitor.every and (step + 1) % self.cfg.monitor.every == 0:
                 # on every rank: a sharded model needs all of them for its forward
-                record.update(self.monitor(*member.recipe.monitored()))
+                if self.monitor is not None:
+                    record.update(self.monitor(*member.recipe.monitored()))
+                record.update(member.recipe.evaluate(step))
             if member.log is not None:
                 member.log.log(record)
             if member is self.members[0]:
