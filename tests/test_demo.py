@@ -1,11 +1,11 @@
 """The demo pipeline end to end, at reduced length, and the margins over random init that the README
-states (slow: about 5 minutes on 2 cores)."""
+states (slow: about 8 minutes on 2 cores), the text stage's over chance included."""
 
 from __future__ import annotations
 
 import pytest
 
-from opendino.demo import MARGINS, run_demo
+from opendino.demo import MARGINS, README_TABLE, TEXT_MARGINS, run_demo
 
 
 @pytest.mark.slow
@@ -22,4 +22,13 @@ def test_demo_beats_random_init_by_the_stated_margins(tmp_path, capsys):
         print(f"{task} {metric}: {trained:.3f} vs random {floor:.3f}, gain {gain:+.3f} (margin {margin})")
         if gain < margin:
             failed.append(f"{task} {metric}")
+    text = results["text"]
+    for (task, metric), margin in TEXT_MARGINS.items():
+        trained = text["trained"][task][metric]
+        chance = text["trained"][task]["chance_" + metric.replace("image_to_text_", "")]
+        print(f"text {task} {metric}: {trained:.3f}, chance {chance:.3f} (margin {margin})")
+        if trained - chance < margin:
+            failed.append(f"text {task} {metric}")
+    assert (tmp_path / "text" / "text.safetensors").exists() and "text alignment" in out
+    assert "| text: zero-shot" in (tmp_path / README_TABLE).read_text()
     assert not failed, f"margins not met: {failed} (see the captured output; `pytest -rP` shows it always)"

@@ -183,6 +183,9 @@ def test_two_ranks_train_like_one_process(preset, tmp_path, monkeypatch):
         (["text.dense_weight=1.0"], "needs text.mode=unlocked"),
         (["text.tower=text_huge"], "text.tower"),
         (["text.loss=infonce"], "text.loss"),
+        (["parallel.data_parallel=fsdp"], "neither caches features nor evaluates during training"),
+        (["text.embed_dim=33"], "must be even"),
+        (["text.eval_data=/no/such/folder"], "not a labelled folder"),
     ],
 )
 def test_configuration_errors_are_clear(preset, tmp_path, overrides, message):

@@ -91,10 +91,19 @@ class FeatureCache:
         progress: bool = True,
     ) -> None:
         """Computes this rank's missing chunks (every ``world``-th) with ``backbone`` (eval mode)."""
+        from opendino.losses.distributed import all_reduce_max
         from opendino.models.text import backbone_tokens
 
+        # rank 0 checks (or writes) the description first; every rank learns whether it failed, so none
+        # waits forever for a rank that stopped
+        error = None
         if rank == 0:
-            self._check_meta(self._meta(fingerprint))
+            try:
+                self._check_meta(self._meta(fingerprint))
+            except FeatureCacheError as e:
+                error = e
+        if all_reduce_max(torch.tensor(float(error is not None), device=device)).item():
+            raise error or FeatureCacheError(f"{self.folder}: rank 0 refused the cache (see its error)")
         todo = [c for c in self.missing() if c % world == rank]
         if not todo:
             return
@@ -111,13 +120,12 @@ class FeatureCache:
                 batch = torch.stack([images[i] for i in good[start : start + batch_size]]).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     parts.append(backbone_tokens(backbone, batch).to(torch.float16).cpu())
-            tokens = torch.cat(parts) if parts else None
-            out = None
-            if tokens is not None:
-                out = torch.zeros(len(indices), *tokens.shape[1:], dtype=torch.float16)
+            if not parts:  # a chunk with no readable image: zeros, every index listed as unreadable
+                parts = [backbone_tokens(backbone, torch.zeros(1, 3, self.size, self.size, device=device)).half().cpu()]
+            tokens = torch.cat(parts)
+            out = torch.zeros(len(indices), *tokens.shape[1:], dtype=torch.float16)
+            if good:
                 out[[i - indices.start for i in good]] = tokens
-            else:
-                raise FeatureCacheError(f"{self.source.name}: no image of chunk {c} (images {indices}) can be decoded")
             self._path(c, ".bad.json").write_text(json.dumps(bad))
             tmp = self._path(c, ".tmp.npy")
             np.save(tmp, out.numpy())

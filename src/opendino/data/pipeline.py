@@ -42,7 +42,7 @@ Batch = TypedDict(
         # Image–caption pairs (DataNeeds.captions), with "labels" and "skipped" above:
         "image": Tensor,  # [B, 3, S, S] float, normalised: one random resized crop per image (DataNeeds.images)
         "tokens": Tensor,  # [B, context_length] long: the tokenized captions (opendino.data.tokenizer)
-        "indices": Tensor,  # [B] long: the pairs' indices in DataPipeline.captioned(source), after replacement
+        "indices": Tensor,  # [B] long, on the host: the pairs' indices in DataPipeline.captioned(source)
     },
     total=False,
 )
@@ -148,7 +148,11 @@ class DataPipeline:
 
     def _pair_batches(self, source: ImageSource, start: int) -> Iterator[Batch]:
         for batch in self._pair_loader(source, start):
-            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            # the indices stay on the host: a recipe looks them up there (a feature cache) without a device read
+            batch = {
+                k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) and k != "indices" else v
+                for k, v in batch.items()
+            }
             if "images" in batch:  # normalised on the device, like the photometric stage
                 batch["image"] = normalize(batch.pop("images"), self.crops.mean, self.crops.std)
             yield batch

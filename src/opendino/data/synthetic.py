@@ -304,13 +304,19 @@ def caption(spec: SceneSpec) -> str:
     return f"{things} on a {spec.background} {spec.bg_colors[0]} and {spec.bg_colors[1]} background"
 
 
+SEG_CLASSES_FILE = "seg_classes.txt"  # beside the splits: the class of each segmentation id 1, 2, ... by line
+
+
 def write_image_folder(
     out: str | Path, n: int, size: int = 128, split: str = "train", seed: int = 0, pairs: bool = False
 ) -> Path:
     """Writes ``n`` scenes in the labelled-folder layout of docs/data.md: ``out/<split>/<class>/<i>.png``
     with ``<i>.seg.png``, ``<i>.inst.png``, ``<i>.depth.png`` (uint16, millimetres) and ``<i>.txt`` beside
-    it, plus ``<i>.view2.png`` and ``<i>.flow.npy`` with ``pairs``."""
+    it, ``out/seg_classes.txt`` (the class of each segmentation id), plus ``<i>.view2.png`` and
+    ``<i>.flow.npy`` with ``pairs``."""
     root = Path(out) / split
+    root.mkdir(parents=True, exist_ok=True)
+    (Path(out) / SEG_CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
     for index in range(n):
         if pairs:
             scene, second, flow = render_pair(index, size, split, seed)

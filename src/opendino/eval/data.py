@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from opendino.data.sources import is_image
-from opendino.data.synthetic import write_image_folder
+from opendino.data.synthetic import SEG_CLASSES_FILE, write_image_folder
 
 SPLITS = ("train", "val")
 
@@ -43,7 +43,7 @@ def dense_path(image: Path, suffix: str) -> Path:
 def synthetic_folder(cache: Path, n_train: int, n_val: int, size: int) -> Path:
     """The synthetic world written once in the labelled layout (with pairs) and reused afterwards."""
     root = cache / f"synthetic-size{size}-train{n_train}-val{n_val}"
-    if not (root / "complete").exists():
+    if not (root / "complete").exists() or not (root / SEG_CLASSES_FILE).exists():  # the file came later
         for split, n in (("train", n_train), ("val", n_val)):
             write_image_folder(root, n, size, split=split, pairs=True)
         (root / "complete").touch()

@@ -241,13 +241,16 @@ def evaluate(
     }
     text_inputs = {}
     if text_tasks:
-        from opendino.data.synthetic import CLASSES
+        from opendino.data.synthetic import SEG_CLASSES_FILE
 
         names = resolve_classnames(splits["val"].classes, classnames)
-        # Segmentation ids are 1 + class: the synthetic world numbers its classes in its own order (not the
-        # sorted folder order), a user's folder in the sorted order of its class folders.
+        # Segmentation ids are 1 + class in the sorted order of the class folders, unless the folder's
+        # seg_classes.txt names them in id order (the synthetic world numbers its classes its own way and
+        # writes that file).
         text_of = dict(zip(splits["val"].classes, names, strict=True))
-        seg_names = [text_of.get(c, class_text(c)) for c in CLASSES] if data == "synthetic" else names
+        seg_file = root / SEG_CLASSES_FILE
+        seg_order = seg_file.read_text().split("\n") if seg_file.exists() else None
+        seg_names = [text_of.get(c, class_text(c)) for c in seg_order if c] if seg_order else names
         text_inputs = {"classnames": names, "templates": template_set, "seg_classnames": seg_names}
     results = {}
     models = {"trained": model, "random_init": random_init_like(model)}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from opendino.losses.distributed import all_gather_with_grad, is_distributed
+from opendino.losses.precision import float32
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the scale is clamped to [0, ln 100] after every step
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -28,6 +29,7 @@ def _rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+@float32
 def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
     """Symmetric InfoNCE of this rank's ``[b, E]`` normalised image and text embeddings against the global
     batch; ``logit_scale`` is the log of the temperature's inverse."""
@@ -40,6 +42,7 @@ def clip_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
     return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
 
 
+@float32
 def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
     """SigLIP's pairwise sigmoid loss of this rank's images against the texts of every rank."""
     image, text = image.float(), text.float()
@@ -51,6 +54,7 @@ def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Te
     return -F.logsigmoid(signs * logits).sum() / image.shape[0]
 
 
+@float32
 def patch_alignment_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """``1 - cos`` between the student's (projected) patch tokens and a frozen teacher's, averaged: the dense
     term of the Perception-Encoder-style variant (docs/design/peers.md §5)."""

@@ -234,8 +234,9 @@ class TextAlignedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone, self.head, self.text = backbone, head, text
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
+        # shape [1], not 0-dim: FSDP2 shards no scalar parameters
+        self.logit_scale = nn.Parameter(torch.tensor([float(logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(logit_bias)])) if logit_bias is not None else None
         self.locked = locked
         self.n_prefix = 1 + getattr(backbone, "n_storage_tokens", 0)
         self.tokenizer = None  # set on first use of encode_text (open_clip's BPE)
@@ -336,7 +337,9 @@ def load_text_model(source: str | Path, device: torch.device | str | None = None
         meta = json.loads((f.metadata() or {}).get(TEXT_METADATA_KEY, "null") or "null")
     if meta is None:
         raise CheckpointError(f"{text_file}: not a text model written by OpenDINO (no {TEXT_METADATA_KEY} metadata)")
-    backbone = load_model(text_file.parent / "teacher.safetensors", device=device)
+    from opendino.runs import EXPORT
+
+    backbone = load_model(text_file.parent / EXPORT, device=device)
     head = VisionHead(**meta["head"], device="meta")
     text = TextTransformer(**meta["text"], device="meta")
     bias = 0.0 if "logit_bias" in state else None

@@ -143,6 +143,20 @@ class TextRecipe(Recipe):
             raise ConfigError("text.dense_weight > 0 needs a frozen teacher: set text.dense_teacher or init.backbone")
         if cfg.init.from_run:
             raise ConfigError("init.from_run is a stage of the SSL recipe; the text recipe starts from init.backbone")
+        if cfg.distill.students:
+            raise ConfigError("distill.students: the text recipe trains one model per run")
+        if t.embed_dim is not None and t.embed_dim % 2:
+            raise ConfigError(f"text.embed_dim={t.embed_dim} must be even (an image half and a patch half)")
+        if cfg.parallel.data_parallel == "fsdp" and (
+            cfg.monitor.every and t.eval_data or t.mode == "locked" and t.cache_features
+        ):
+            raise ConfigError(
+                "with parallel.data_parallel=fsdp the text recipe neither caches features nor evaluates during "
+                "training (both call the sharded model outside its forward): set text.cache_features=false and "
+                "text.eval_data=null, or use ddp"
+            )
+        if t.eval_data not in (None, "synthetic") and not (Path(t.eval_data) / "val").is_dir():
+            raise ConfigError(f"text.eval_data={t.eval_data}: not a labelled folder with a val/ split (or synthetic)")
 
     @property
     def cached(self) -> bool:
@@ -228,14 +242,15 @@ class TextRecipe(Recipe):
         tokens = batch["tokens"]
         image_tokens = None
         if self.cache is not None:
-            image_tokens = self.cache.lookup(batch["indices"].cpu()).to(tokens.device, non_blocking=True)
+            # the pipeline keeps the indices on the host: a lookup reads no device value
+            image_tokens = self.cache.lookup(batch["indices"]).to(tokens.device, non_blocking=True)
         image, _, text, backbone_tokens = self.model(tokens, images=batch.get("image"), image_tokens=image_tokens)
         model = self.model
         if model.logit_bias is not None:
             contrastive = siglip_loss(image, text, model.logit_scale, model.logit_bias)
         else:
             contrastive = clip_loss(image, text, model.logit_scale)
-        terms = {"contrastive": contrastive, "temperature": model.logit_scale.detach().float().exp().reciprocal()}
+        terms = {"contrastive": contrastive, "temperature": model.logit_scale.detach().float().exp().reciprocal()[0]}
         loss = contrastive
         if self.dense_teacher is not None:
             with torch.no_grad():
@@ -252,8 +267,9 @@ class TextRecipe(Recipe):
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         norms = {}
-        for name, module in self.model.named_children():
-            params = [p for p in module.parameters() if p.requires_grad]
+        units = [*self.model.named_children(), ("logit", self.model.parameters(recurse=False))]
+        for name, module in units:
+            params = [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.requires_grad]
             if params:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"), foreach=True)
                 norms[name] = norm.to_local() if hasattr(norm, "to_local") else norm
@@ -318,7 +334,10 @@ def held_out_set(data: str, n: int, size: int, mean, std, device: torch.device) 
     from opendino.eval.data import open_labelled
 
     split = open_labelled(Path(data))["val"]
-    rows = [i for i, p in enumerate(split.paths) if p.with_suffix(".txt").exists()][:n]
+    captioned = [i for i, p in enumerate(split.paths) if p.with_suffix(".txt").exists()]
+    # a seeded sample, not the first n: the val split is listed class by class
+    order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(0))[:n]
+    rows = sorted(captioned[i] for i in order.tolist())
     if not rows:
         raise ConfigError(f"text.eval_data={data}: its val split has no <name>.txt captions beside the images")
     import torchvision.transforms.v2.functional as TF
@@ -330,6 +349,8 @@ def held_out_set(data: str, n: int, size: int, mean, std, device: torch.device) 
         TF.resize(pictures[k], [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True) for k in keep
     ]
     images = normalize(torch.stack(resized), mean, std).to(device)
-    captions = [split.paths[rows[k]].with_suffix(".txt").read_text().strip() for k in keep]
+    captions = [
+        split.paths[rows[k]].with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip() for k in keep
+    ]
     labels = split.labels[[rows[k] for k in keep]]
     return images, labels, captions, [c.replace("_", " ") for c in split.classes], TEMPLATES["simple"]
