@@ -57,14 +57,19 @@ def single_process_runs(work: Path) -> dict[str, dict]:
     return out
 
 
-def _close(a, b) -> bool:
+# Float32 reductions round differently on other CPUs (AVX2 and AVX-512 kernels): the recorded values hold
+# to a few 1e-6 on another machine (seen: 2.4e-6), exactly on the one that recorded them.
+TOLERANCE = 1e-5
+
+
+def _close(a, b, tolerance: float = TOLERANCE) -> bool:
     if isinstance(a, float) or isinstance(b, float):
-        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tolerance * max(1.0, abs(a), abs(b))
     return a == b
 
 
 def assert_reproduces(name: str, new: dict) -> None:
-    """``new`` (a :func:`summary`) has the recorded run's keys and values, to 1e-6."""
+    """``new`` (a :func:`summary`) has the recorded run's keys and values, to ``TOLERANCE``."""
     old = json.loads(RECORDED.read_text())[name]
     assert [sorted(r) for r in new["metrics"]] == [sorted(r) for r in old["metrics"]], name
     for old_row, new_row in zip(old["metrics"], new["metrics"], strict=True):
