@@ -36,3 +36,16 @@ def all_gather_with_grad(tensor: Tensor, group=None) -> Tensor:
     from torch.distributed._functional_collectives import all_gather_tensor_autograd, wait_tensor
 
     return wait_tensor(all_gather_tensor_autograd(tensor, 0, group or dist.group.WORLD))
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 in a single process)."""
+    if not (is_distributed()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Every rank waits for the others (a no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()

@@ -179,7 +179,7 @@ class TextRecipe(Recipe):
         from opendino.data.feature_cache import FeatureCache
         from opendino.data.pipeline import open_training_source
         from opendino.eval.features import model_fingerprint
-        from opendino.train.distributed import barrier, rank_and_world
+        from opendino.losses.distributed import barrier, rank_and_world
 
         if self.cache is not None:
             return self.cache

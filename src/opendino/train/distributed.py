@@ -94,16 +94,3 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0 and 1 in a single process)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def barrier() -> None:
-    """Every rank waits for the others (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
