@@ -52,7 +52,7 @@ def test_named_models_have_official_parameter_counts(name):
 def reduced_size(family: str, kwargs) -> dict:
     """Constructor overrides that shrink a named architecture to a few blocks of small width and keep all
     else (RoPE settings, storage tokens, FFN type and ratio, biases, masked-key bias, norms, untied norms)."""
-    if family == "vit":
+    if family in ("vit", "dinov2"):
         return dict(embed_dim=64, num_heads=4, depth=2)
     assert family == "convnext", f"no reduced size for family {family!r}"
     # Relative widths and the deeper third stage of the larger ConvNeXts stay.
@@ -73,8 +73,9 @@ def test_every_named_architecture_builds_runs_two_resolutions_and_trains(name):
     }
     g = torch.Generator().manual_seed(1)
     model.train()
-    if spec.family == "vit":
-        D, R = overrides["embed_dim"], spec.kwargs.get("n_storage_tokens", 0)
+    if spec.family in ("vit", "dinov2"):
+        D = overrides["embed_dim"]
+        R = spec.kwargs.get("n_storage_tokens", spec.kwargs.get("num_register_tokens", 0))
         grids = [(4, 3), (2, 2)]  # 64x48 global crops, 32x32 local crops
         xs = [torch.randn(2, 3, 16 * h, 16 * w, generator=g) for h, w in grids]
         masks = torch.zeros(2, 12, dtype=torch.bool)

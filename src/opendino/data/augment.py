@@ -120,7 +120,8 @@ class MultiCrop:
         boxes = self.crop_boxes(*img.shape[-2:], generator)
         bases = torch.stack([_apply_box(img, box, self.base_size) for box in boxes[:2]])
         out = self._from_bases(bases)
-        out["local"] = torch.stack([_apply_box(img, box, c.local_size) for box in boxes[2:]])
+        local = [_apply_box(img, box, c.local_size) for box in boxes[2:]]
+        out["local"] = torch.stack(local) if local else img.new_empty(0, img.shape[0], c.local_size, c.local_size)
         return out
 
     @property

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from opendino.data.sources import decode_image
+from opendino.models.vit import global_feature
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,7 +109,7 @@ def extract_features(
             out = model.forward_features(images.to(device, non_blocking=True))
         tokens = out["x_norm_patchtokens"].float()
         h, w = images.shape[-2] // model.feature_stride, images.shape[-1] // model.feature_stride
-        cls.append(out["x_norm_clstoken"].float().cpu())
+        cls.append(global_feature(model, out).float().cpu())
         pooled.append(tokens.mean(1).cpu())
         if keep_patch:
             patch.append(tokens.reshape(len(indices), h, w, -1).to(patch_dtype).cpu())

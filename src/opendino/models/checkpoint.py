@@ -1,7 +1,8 @@
 """Reading backbone weights safely and building the matching model.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled. Accepted: bare
-official backbone state dicts (hub ``.pth``), training checkpoints (``{"teacher": {"backbone.*", heads}}``),
+official backbone state dicts (DINOv3 and DINOv2 hub ``.pth``), training checkpoints (``{"teacher":
+{"backbone.*", heads}}``, DINOv2's ``blocks.{chunk}.{i}`` block chunks included),
 OpenDINO safetensors files (which carry their constructor arguments), and the timm / Hugging Face
 layouts (converted on the fly). A file whose keys do not fit the requested architecture fails with the
 missing / unexpected keys and the closest known architecture.
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -90,7 +93,33 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
         state[key] = value
-    return state
+    return _flatten_block_chunks(state)
+
+
+def _flatten_block_chunks(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """DINOv2 training checkpoints (``block_chunks > 0``) name blocks ``blocks.{chunk}.{i}.*``: back to
+    ``blocks.{i}.*``. DINOv2 pads each chunk with parameter-free identities, so ``i`` already counts from the
+    first block; indices that restart in every chunk are offset by the blocks of the earlier chunks."""
+    pattern = re.compile(r"blocks\.(\d+)\.(\d+)\.(.+)")
+    matches = {key: pattern.fullmatch(key) for key in state}
+    if not any(matches.values()):
+        return state
+    inner: dict[int, set[int]] = {}
+    for m in filter(None, matches.values()):
+        inner.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    chunks = sorted(inner)
+    global_indices = sum(len(inner[c]) for c in chunks) == len(set().union(*inner.values()))
+    offsets, total = {}, 0
+    for c in chunks:
+        offsets[c] = 0 if global_indices else total
+        total += len(inner[c])
+    out = {}
+    for key, value in state.items():
+        m = matches[key]
+        if m is not None:
+            key = f"blocks.{offsets[int(m.group(1))] + int(m.group(2))}.{m.group(3)}"
+        out[key] = value
+    return out
 
 
 def _is_state_dict(obj: Mapping) -> bool:
@@ -127,6 +156,8 @@ def infer_model_kwargs(state: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]
         )
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise CheckpointError("not a DINOv3 ViT or ConvNeXt state dict (no cls_token / patch_embed / stages)")
+    if "pos_embed" in state and "rope_embed.periods" not in state:
+        return "dinov2", _infer_dinov2_kwargs(state)
     dim = state["cls_token"].shape[-1]
     if "rope_embed.periods" not in state:
         raise CheckpointError("cannot infer the number of heads: the state dict has no rope_embed.periods")
@@ -167,6 +198,47 @@ def infer_model_kwargs(state: Mapping[str, Tensor]) -> tuple[str, dict[str, Any]
             pos_embed_rope_max_period=periods[-1].item(),
         )
     return "vit", kwargs
+
+
+def _infer_dinov2_kwargs(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """DINOv2 constructor arguments of a DINOv2-layout state dict (learned ``pos_embed``, no RoPE). The
+    number of heads is not stored: every DINOv2 model has 64-dimensional heads. Register models get the
+    released register-model resampling (exact size, antialiased), the others the +0.1 offset rule."""
+    from opendino.models.dinov2 import packed_swiglu_hidden_dim
+
+    dim = state["cls_token"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    if grid * grid != state["pos_embed"].shape[1] - 1:
+        raise CheckpointError(f"pos_embed {tuple(state['pos_embed'].shape)} is not a cls slot and a square grid")
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    kwargs: dict[str, Any] = dict(
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=state["patch_embed.proj.weight"].shape[1],
+        embed_dim=dim,
+        depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+        num_heads=max(dim // 64, 1),
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        proj_bias="blocks.0.attn.proj.bias" in state,
+        init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,
+        num_register_tokens=registers,
+        interpolate_offset=0.0 if registers else 0.1,
+        interpolate_antialias=bool(registers),
+    )
+    if "blocks.0.mlp.w12.weight" in state:
+        hidden = state["blocks.0.mlp.w12.weight"].shape[0] // 2
+        ratio = next(
+            (r for r in (4.0, hidden * 1.5 / dim) if packed_swiglu_hidden_dim(dim, r) == hidden),
+            None,
+        )
+        if ratio is None:
+            raise CheckpointError(f"no mlp_ratio gives the packed SwiGLU width {hidden} at embed_dim {dim}")
+        kwargs.update(ffn_layer="swiglufused", mlp_ratio=ratio, ffn_bias="blocks.0.mlp.w12.bias" in state)
+    else:
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+        kwargs.update(ffn_layer="mlp", mlp_ratio=hidden / dim, ffn_bias="blocks.0.mlp.fc1.bias" in state)
+    return kwargs
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:

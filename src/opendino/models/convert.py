@@ -82,6 +82,11 @@ def _regex_to_template(pattern: str) -> str:
 def _check_representable(state: Mapping[str, Tensor], layout: str) -> None:
     if "cls_norm.weight" in state:
         raise ConversionError(f"the {layout} layout has no untied cls_norm; this model cannot be converted")
+    if "pos_embed" in state:
+        raise ConversionError(
+            f"a DINOv2 model (learned position embeddings) has no {layout} conversion here; timm's DINOv2 "
+            "models load its released layout with timm's own checkpoint filter"
+        )
     if "downsample_layers.0.0.weight" in state:
         raise ConversionError(f"only ViTs convert to the {layout} layout; ConvNeXt keeps the official layout")
     bias = next((v for k, v in state.items() if k.endswith("attn.qkv.bias")), None)

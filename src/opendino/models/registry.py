@@ -1,4 +1,5 @@
-"""Named architectures: every released DINOv3 backbone, the official training geometries, custom sizes.
+"""Named architectures: every released DINOv3 and DINOv2 backbone, the official training geometries, custom
+sizes.
 
 Each entry knows its constructor arguments (official names), its normalisation constants and the file
 name of its official checkpoint. ``build_model("vitb16")`` gives the architecture with the official random
@@ -16,6 +17,7 @@ from torch import nn
 
 from opendino.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from opendino.models.convnext import CONVNEXT_SIZES, ConvNeXt
+from opendino.models.dinov2 import DinoV2VisionTransformer
 from opendino.models.vit import DinoVisionTransformer
 
 LVD_MEAN, LVD_STD = IMAGENET_MEAN, IMAGENET_STD  # the LVD-1689M models normalise as ImageNet
@@ -25,7 +27,7 @@ SAT_MEAN, SAT_STD = (0.430, 0.411, 0.296), (0.213, 0.156, 0.143)
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # "vit" or "convnext"
+    family: str  # "vit", "dinov2" or "convnext"
     kwargs: Mapping[str, Any]
     mean: tuple[float, float, float] = LVD_MEAN
     std: tuple[float, float, float] = LVD_STD
@@ -66,6 +68,37 @@ _TRAINING_VIT = dict(
     n_storage_tokens=0,
     mask_k_bias=False,
 )
+
+
+# The released DINOv2 backbones (hub constructors): a 37 x 37 position grid (518 px at patch 14). Non-register
+# models resample it by scale factor with a +0.1 offset, register models to the exact size with antialiasing.
+_RELEASED_DINOV2 = dict(
+    img_size=518,
+    patch_size=14,
+    mlp_ratio=4.0,
+    init_values=1e-5,
+    qkv_bias=True,
+    proj_bias=True,
+    ffn_bias=True,
+    num_register_tokens=0,
+    interpolate_offset=0.1,
+    interpolate_antialias=False,
+)
+_DINOV2_REG4 = dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+# size letter: (embed_dim, depth, num_heads, ffn_layer, parameters without registers; the registers add 4 D)
+_DINOV2_SIZES = {
+    "s": (384, 12, 6, "mlp", "22.06M"),
+    "b": (768, 12, 12, "mlp", "86.58M"),
+    "l": (1024, 24, 16, "mlp", "304.37M"),
+    "g": (1536, 40, 24, "swiglufused", "1136.48M"),
+}
+
+
+def _dinov2_summary(size: str, ffn: str, params: str, suffix: str) -> str:
+    name = f"ViT-{size if size == 'g' else size.upper()}/14" + (" SwiGLU" if ffn != "mlp" else "")
+    regs = " + 4 registers" if suffix else ""
+    role = ", the teacher" if size == "g" else "" if suffix else ", distilled from ViT-g"
+    return f"DINOv2 {name}{regs}, {params}{role} (LVD-142M)"
 
 
 def _geometry(dim: int, depth: int, heads: int, ffn: str, ratio: float) -> dict[str, Any]:
@@ -166,6 +199,26 @@ _SPECS: list[ModelSpec] = [
             CONVNEXT_SIZES.items(), ("21b726bb", "296db49d", "801f2ba9", "61fa432d"), strict=True
         )
     ),
+    *(
+        ModelSpec(
+            f"dinov2_vit{size}14{suffix}",
+            "dinov2",
+            {
+                **_RELEASED_DINOV2,
+                **(_DINOV2_REG4 if suffix else {}),
+                "embed_dim": dim,
+                "depth": depth,
+                "num_heads": heads,
+                "ffn_layer": ffn,
+            },
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            checkpoint=f"dinov2_vit{size}14{suffix}_pretrain.pth",
+            summary=_dinov2_summary(size, ffn, params, suffix),
+        )
+        for size, (dim, depth, heads, ffn, params) in _DINOV2_SIZES.items()
+        for suffix in ("", "_reg4")
+    ),
     # Geometries of the official training constructors (`student.arch`), with the training defaults.
     *(
         ModelSpec(
@@ -212,7 +265,7 @@ def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
 
 def create(family: str, kwargs: Mapping[str, Any], device: torch.device | str | None = None) -> nn.Module:
     """Builds a backbone from a family name and official constructor arguments."""
-    cls = {"vit": DinoVisionTransformer, "convnext": ConvNeXt}[family]
+    cls = {"vit": DinoVisionTransformer, "dinov2": DinoV2VisionTransformer, "convnext": ConvNeXt}[family]
     model = cls(**kwargs, device=device)
     model.family, model.model_kwargs = family, dict(kwargs)
     return model

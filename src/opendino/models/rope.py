@@ -138,8 +138,9 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """Rotates the last ``sin.shape[0]`` tokens of ``x [B, heads, N, d]``; prefix tokens stay as they are."""
-    n_prefix = x.shape[-2] - sin.shape[0]
+    """Rotates the last ``sin.shape[-2]`` tokens of ``x [B, heads, N, d]``; prefix tokens stay as they are.
+    ``sin``, ``cos``: ``[N_patches, d]``, or ``[B, 1, N_patches, d]`` (each row its own positions)."""
+    n_prefix = x.shape[-2] - sin.shape[-2]
     prefix, patches = x[..., :n_prefix, :], x[..., n_prefix:, :]
     dtype = x.dtype
     patches = patches.to(sin.dtype)

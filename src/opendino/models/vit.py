@@ -267,12 +267,17 @@ class DinoVisionTransformer(nn.Module):
         mask_k_bias: bool = False,
         untie_cls_and_patch_norms: bool = False,
         untie_global_and_local_cls_norm: bool = False,
+        global_pool: str = "token",
         device: torch.device | str | None = None,
     ) -> None:
+        """``global_pool``: the image's global feature (:func:`global_feature`): the CLS token (DINO), or
+        ``avg``, the mean patch token (a recipe whose CLS token is not trained, I-JEPA)."""
         super().__init__()
         _check_choice("norm_layer", norm_layer, NORM_LAYERS)
         _check_choice("ffn_layer", ffn_layer, FFN_LAYERS)
         _check_choice("pos_embed_rope_dtype", pos_embed_rope_dtype, ROPE_DTYPES)
+        _check_choice("global_pool", global_pool, ("token", "avg"))
+        self.global_pool = global_pool
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         self.img_size = img_size
@@ -359,17 +364,32 @@ class DinoVisionTransformer(nn.Module):
             prefix.append(self.storage_tokens.expand(B, -1, -1))
         return torch.cat([*prefix, x], dim=1), h, w
 
-    def _iter_blocks(self, xs: list[Tensor], grids: list[tuple[int, int]]) -> Iterator[list[Tensor]]:
-        """Yields the token groups after each block."""
+    def _block_ropes(self, grids: list[tuple[int, int]]) -> list[list[Rope]]:
+        """The RoPE rotations of each block (outer list) and token group (inner list)."""
         n = len(self.blocks)
         if self.rope_embed.augments:
             # Every block and crop group gets its own draw (block-major, the official order), computed for
             # all blocks of a group at once.
             shift, scale = (t.unflatten(0, (n, len(grids))) for t in self.rope_embed.draw_augmentations(n * len(grids)))
             drawn = [self.rope_embed(h, w, shift[:, g], scale[:, g]) for g, (h, w) in enumerate(grids)]
-            per_block = [[(sin[i], cos[i]) for sin, cos in drawn] for i in range(n)]
-        else:
-            per_block = [[self.rope_embed(h, w) for h, w in grids]] * n
+            return [[(sin[i], cos[i]) for sin, cos in drawn] for i in range(n)]
+        return [[self.rope_embed(h, w) for h, w in grids]] * n
+
+    def _iter_blocks(
+        self, xs: list[Tensor], grids: list[tuple[int, int]], kept: Sequence[Tensor | None] | None = None
+    ) -> Iterator[list[Tensor]]:
+        """Yields the token groups after each block. ``kept``: per group, the ``[B, K]`` patch positions
+        its patch tokens hold (a subset of the grid, :meth:`forward_kept`), or None for the whole grid."""
+        n = len(self.blocks)
+        per_block = self._block_ropes(grids)
+        if kept is not None:  # each row's rotations at its own positions: [B, 1, K, d] against [B, heads, K, d]
+            per_block = [
+                [
+                    r if r is None or k is None else tuple(t[k].unsqueeze(1) for t in r)
+                    for r, k in zip(row, kept, strict=True)
+                ]
+                for row in per_block
+            ]
         subsets = [None] * n
         if self.training and self.drop_path_rate > 0:
             rows = drop_path_subsets([x.shape[0] for x in xs], self.drop_path_rate, 2 * n, xs[0].device)
@@ -410,6 +430,16 @@ class DinoVisionTransformer(nn.Module):
             )
         return outputs
 
+    def forward_kept(self, x: Tensor, kept: Tensor) -> dict:
+        """Normalised outputs of the ``[B, K]`` kept patch positions of each image only (the other patches
+        never enter the network: an I-JEPA context encoder); ``x_norm_patchtokens`` is ``[B, K, D]``."""
+        tokens, h, w = self.prepare_tokens_with_masks(x)
+        n_prefix = 1 + self.n_storage_tokens
+        patches = tokens[:, n_prefix:].gather(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        *_, (out,) = self._iter_blocks([torch.cat([tokens[:, :n_prefix], patches], 1)], [(h, w)], [kept])
+        prefix, patches = self._split_norm(out)
+        return {"x_norm_clstoken": prefix[:, 0], "x_storage_tokens": prefix[:, 1:], "x_norm_patchtokens": patches}
+
     def forward_features(
         self, x: Tensor | Sequence[Tensor], masks: Tensor | Sequence[Tensor | None] | None = None
     ) -> dict | list[dict]:
@@ -421,7 +451,7 @@ class DinoVisionTransformer(nn.Module):
 
     def forward(self, *args, is_training: bool = False, **kwargs) -> Tensor | dict | list[dict]:
         out = self.forward_features(*args, **kwargs)
-        return out if is_training else self.head(out["x_norm_clstoken"])
+        return out if is_training else self.head(global_feature(self, out))
 
     def _block_indices(self, n: int | Sequence[int]) -> list[int]:
         indices = list(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else list(n)
@@ -464,6 +494,14 @@ class DinoVisionTransformer(nn.Module):
                 item.append(prefix[:, 1:])
             outputs.append(item[0] if len(item) == 1 else tuple(item))
         return tuple(outputs)
+
+
+def global_feature(model: nn.Module, out: dict) -> Tensor:
+    """The global feature of a backbone's output dict: its CLS token, or the mean patch token for a model
+    built with ``global_pool="avg"`` (ConvNeXt's CLS entry is already its pooled feature)."""
+    if getattr(model, "global_pool", "token") == "avg":
+        return out["x_norm_patchtokens"].mean(1)
+    return out["x_norm_clstoken"]
 
 
 def _check_choice(name: str, value: str, choices) -> None:

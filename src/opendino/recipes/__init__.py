@@ -1,6 +1,6 @@
 """Training recipes behind one contract (recipes/base.py): the DINOv3 SSL recipe with its stages and
-distillation (ssl.py, distill.py), Gram anchoring as a component (gram.py); text alignment (text.py: dino.txt,
-CLIP, SigLIP)."""
+distillation (ssl.py, distill.py; DINOv2 and Franca-style nested heads are its options), Gram anchoring as
+a component (gram.py); I-JEPA (ijepa.py); text alignment (text.py: dino.txt, CLIP, SigLIP)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import importlib
 from opendino.config import ConfigError
 
 # Names `train.recipe` may take, and the classes they stand for (module:Class).
-RECIPES = {"ssl": "opendino.recipes.ssl:SSLRecipe", "text": "opendino.recipes.text:TextRecipe"}
+RECIPES = {
+    "ssl": "opendino.recipes.ssl:SSLRecipe",
+    "ijepa": "opendino.recipes.ijepa:IJEPARecipe",
+    "text": "opendino.recipes.text:TextRecipe",
+}
 
 
 def recipe_class(name: str) -> type:

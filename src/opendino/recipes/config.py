@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from opendino.config import ConfigError, check_choice, check_minima
 
 
@@ -32,6 +34,39 @@ class HeadConfig:
     bottleneck_dim: int = 256  # the L2-normalised bottleneck before the prototypes
     nlayers: int = 3  # linear layers of the MLP, the last one projecting to the bottleneck
     last_layer_std: float = 0.02  # the official init; larger helps tiny, short runs (see docs/training.md)
+    weight_norm: bool = False  # a weight-normalised prototype layer (DINOv2, Franca; DINOv3: plain)
+    # Franca-style nested (Matryoshka) heads: this many levels of widths D/2^(n-1) ... D, each with its own
+    # head and prototypes/2^(n-1) ... prototypes; their losses are summed (0: one head)
+    nested_levels: int = 0
+    nested_mode: str = "projection"  # projection (Franca's code: a learned D -> d_i) | prefix (the paper's slices)
+    normalize: bool = True  # L2-normalise the bottleneck (Franca's nested heads: false)
+    bottleneck_gelu: bool = False  # a GELU after the bottleneck layer (Franca's nested heads: true)
+
+    def check(self) -> None:
+        check_minima("head", self, {"prototypes": 1, "nlayers": 1, "nested_levels": 0})
+        check_choice("head.nested_mode", self.nested_mode, ("projection", "prefix"))
+        if self.nested_levels and self.prototypes % 2 ** (self.nested_levels - 1):
+            raise ConfigError(
+                f"head.prototypes={self.prototypes} must be divisible by 2^(nested_levels - 1) = "
+                f"{2 ** (self.nested_levels - 1)}"
+            )
+
+    def build(self, in_dim: int) -> nn.Module:
+        """The head this section describes, on a backbone of width ``in_dim``."""
+        from opendino.models.heads import DINOHead, MatryoshkaHead
+
+        kwargs = dict(
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            nlayers=self.nlayers,
+            last_layer_std=self.last_layer_std,
+            normalize=self.normalize,
+            bottleneck_gelu=self.bottleneck_gelu,
+            weight_norm=self.weight_norm,
+        )
+        if self.nested_levels:
+            return MatryoshkaHead(in_dim, self.prototypes, self.nested_levels, self.nested_mode, **kwargs)
+        return DINOHead(in_dim, self.prototypes, **kwargs)
 
 
 @dataclasses.dataclass
@@ -41,8 +76,13 @@ class LossConfig:
     ibot_weight: float = 1.0  # weight of the iBOT (masked patch) loss
     global_ignore_diagonal: bool = True  # a global crop is not its own DINO target
     student_temp: float = 0.1  # softmax temperature of the student's logits
+    # The teacher's targets: sinkhorn (Sinkhorn-Knopp, DINOv3; DINOv2 L/g) | softmax (softmax around an EMA
+    # centre, DINO / the DINOv2 default)
+    centering: str = "sinkhorn"
+    center_momentum: float = 0.9  # softmax centring: the centre's EMA momentum
     # 0: no centring, the teacher's own softmax (not official; for a frozen distillation teacher only)
     sinkhorn_iterations: int = 3
+    shared_head: bool = False  # iBOT uses the DINO head (the DINOv2 default; ibot_head is then unused)
     mask_ratio: tuple[float, ...] = (0.1, 0.5)  # iBOT: masked share of tokens, spread over the masked crops
     mask_probability: float = 0.5  # share of global crops that are masked
     # KoLeo neighbours: 0 = within each rank's crops (official pretraining); N = within contiguous groups
@@ -52,6 +92,7 @@ class LossConfig:
 
     def check(self) -> None:
         check_minima("loss", self, {"sinkhorn_iterations": 0})
+        check_choice("loss.centering", self.centering, ("sinkhorn", "softmax"))
 
 
 @dataclasses.dataclass

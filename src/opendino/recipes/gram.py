@@ -108,12 +108,21 @@ class GramAnchor:
             tokens = maps.flatten(2).transpose(1, 2)
         return tokens
 
-    def loss(self, student: Tensor, batch: dict, ema_patches: Tensor | None = None) -> Tensor:
+    def loss(
+        self, student: Tensor, batch: dict, ema_patches: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """The Gram loss of the student's patch features of the global crops ``[2B, N, D]``;
-        ``ema_patches``: the EMA teacher's of the same crops (with ``gram.ema_teacher``)."""
+        ``ema_patches``: the EMA teacher's of the same crops (with ``gram.ema_teacher``). ``positions``:
+        when the student saw only some patches of each crop (I-JEPA's context), their ``[2B, K]`` grid
+        indices; the teacher's features are taken there (student ``[2B, K, D]``)."""
         g = self.cfg
-        grid = int(round(student.shape[1] ** 0.5))
-        teacher = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
+        if positions is None:
+            grid = int(round(student.shape[1] ** 0.5))
+            teacher = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
+        else:
+            grid = int(round(batch["global"].shape[-1] / self.source.feature_stride))
+            full = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
+            teacher = full.gather(1, positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
         tokens = None
         if g.tokens_used != "all":
             tokens = batch["collated_masks"] if g.tokens_used == "masked" else ~batch["collated_masks"]

@@ -12,6 +12,7 @@ from torch import Tensor
 from opendino.runs import load_backbone, newest_state, prefixed
 
 if TYPE_CHECKING:
+    from opendino.recipes.base import Recipe
     from opendino.recipes.ssl import SSLRecipe
 
 
@@ -25,28 +26,50 @@ def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict
         start, optimizer_state = _from_run(recipe, say)
     elif cfg.init.backbone or cfg.init.backbone_blocks is not None:
         _from_backbone(recipe, say)
-    if recipe.gram_teacher is not None:
-        if cfg.gram.checkpoint:
-            recipe.gram_teacher.load_state_dict(load_backbone(cfg.gram.checkpoint, "gram.checkpoint").state_dict())
-        else:
-            recipe.gram.refresh()  # the EMA teacher at the start of the run
+    start_gram_teacher(recipe)
     return start, optimizer_state
+
+
+def start_gram_teacher(recipe: Recipe) -> None:
+    """A recipe's Gram teacher (``recipe.gram_teacher``, if any) from ``gram.checkpoint``, else a copy of
+    the EMA teacher it follows at the start of the run."""
+    if getattr(recipe, "gram_teacher", None) is None:
+        return
+    if recipe.cfg.gram.checkpoint:
+        state = load_backbone(recipe.cfg.gram.checkpoint, "gram.checkpoint").state_dict()
+        recipe.gram_teacher.load_state_dict(state)
+    else:
+        recipe.gram.refresh()
 
 
 def _from_run(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
     """This stage starts from an earlier run's newest checkpoint (``init.from_mode``)."""
     init = recipe.cfg.init
+    if init.from_mode == "continue":
+        return continue_run(recipe, say)
     step, state = newest_state(init.from_run, "init.from_run")
     model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
-    if init.from_mode == "continue":
-        recipe.load_state_dict(model, strict=False)  # the Gram teacher is this stage's own
-        say(f"continuing {init.from_run} after its step {step}")
-        return step + 1, state["optimizer"]
     teacher = prefixed(model, "teacher.")
     recipe.student.load_state_dict(teacher)
     recipe.teacher.load_state_dict(teacher)
     say(f"starting from the EMA teacher of {init.from_run} (its step {step}), fresh schedule")
     return 0, None
+
+
+def continue_run(recipe: Recipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
+    """Any recipe carries on from ``init.from_run``'s newest checkpoint: its networks, optimizer and step
+    counter (a later stage of the same run: Gram anchoring after pretraining); the Gram teacher is this
+    stage's own."""
+    from_run = recipe.cfg.init.from_run
+    step, state = newest_state(from_run, "init.from_run")
+    model = {k: v for k, v in state["model"].items() if not k.startswith("gram_teacher.")}
+    missing, unexpected = recipe.load_state_dict(model, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("gram_teacher.")]:
+        raise ValueError(
+            f"init.from_run={from_run} is not a run of this recipe: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    say(f"continuing {from_run} after its step {step}")
+    return step + 1, state["optimizer"]
 
 
 def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:

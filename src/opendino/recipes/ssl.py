@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from opendino.config import ConfigError
 from opendino.losses import (
     LossWeights,
+    SoftmaxCenter,
     dino_loss,
     ibot_loss_masked,
     koleo_loss,
@@ -28,7 +29,7 @@ from opendino.losses import (
     sinkhorn_knopp,
     total_loss,
 )
-from opendino.models import DINOHead, build_model
+from opendino.models import build_model
 from opendino.recipes.base import DataNeeds, MaskSpec, ParallelPlan, Recipe, ema_update_
 from opendino.recipes.gram import GramAnchor
 from opendino.recipes.param_groups import param_groups, param_settings
@@ -47,6 +48,11 @@ class SSLModel(nn.Module):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
+    @property
+    def patch_head(self) -> nn.Module:
+        """The head of the iBOT term: its own, or the DINO head with ``loss.shared_head``."""
+        return self.dino_head if self.ibot_head is None else self.ibot_head
+
     def forward(
         self, crops: list[Tensor], masks: list[Tensor | None] | None = None, mask_indices: Tensor | None = None
     ) -> tuple[list[dict], Tensor, Tensor | None]:
@@ -56,25 +62,16 @@ class SSLModel(nn.Module):
         cls_logits = self.dino_head(torch.cat([o["x_norm_clstoken"] for o in outs]))
         patch_logits = None
         if mask_indices is not None:
-            patch_logits = self.ibot_head(outs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices])
+            patch_logits = self.patch_head(outs[0]["x_norm_patchtokens"].flatten(0, 1)[mask_indices])
         return outs, cls_logits, patch_logits
 
 
 def build_student(cfg: Any) -> SSLModel:
-    """A backbone and its two heads as the ``model``, ``dino_head`` and ``ibot_head`` sections of ``cfg`` say."""
+    """A backbone and its two heads as the ``model``, ``dino_head`` and ``ibot_head`` sections of ``cfg``
+    say; with ``loss.shared_head`` the iBOT term uses the DINO head (``ibot_head`` is None)."""
     backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
-    heads = [
-        DINOHead(
-            backbone.embed_dim,
-            h.prototypes,
-            hidden_dim=h.hidden_dim,
-            bottleneck_dim=h.bottleneck_dim,
-            nlayers=h.nlayers,
-            last_layer_std=h.last_layer_std,
-        )
-        for h in (cfg.dino_head, cfg.ibot_head)
-    ]
-    return SSLModel(backbone, *heads)
+    dino_head = cfg.dino_head.build(backbone.embed_dim)
+    return SSLModel(backbone, dino_head, None if cfg.loss.shared_head else cfg.ibot_head.build(backbone.embed_dim))
 
 
 class SSLRecipe(Recipe):
@@ -102,6 +99,15 @@ class SSLRecipe(Recipe):
         )
         own = {k: v for k, v in cfg.schedules.items() if k in (*self.REQUIRED_SCHEDULES, *self.OPTIONAL_SCHEDULES)}
         self.schedules = build_schedules(own, cfg.optim.epochs, cfg.train.epoch_length, 1.0)
+        # Softmax centring (DINO, DINOv2): the EMA centres of the teacher's CLS and patch logits, in the state dict
+        self.centers = None
+        if cfg.loss.centering == "softmax":
+            momentum = cfg.loss.center_momentum
+            heads = self.student.dino_head, self.student.patch_head
+            sizes = [sum(h.level_sizes) for h in heads]
+            self.centers = nn.ModuleDict(
+                {name: SoftmaxCenter(k, momentum) for name, k in zip(("dino", "ibot"), sizes, strict=True)}
+            )
         self.gram = None
         self.gram_teacher = None  # a frozen backbone whose patch-similarity structure the student keeps
         if cfg.gram.enabled:
@@ -115,7 +121,12 @@ class SSLRecipe(Recipe):
             raise ConfigError("distillation has no Gram anchoring (docs/design/recipe.md §4.6): set gram.enabled=false")
         if cfg.init.backbone_blocks is not None and not (cfg.init.backbone or cfg.distill.teacher):
             raise ConfigError("init.backbone_blocks: the blocks of what? Set init.backbone (or distill.teacher)")
-        if not cfg.distill.teacher and cfg.loss.sinkhorn_iterations == 0:
+        nested = cfg.dino_head.nested_levels or cfg.ibot_head.nested_levels
+        if cfg.distill.teacher and (nested or cfg.loss.centering != "sinkhorn" or cfg.loss.shared_head):
+            raise ConfigError("distillation: nested heads, softmax centring and loss.shared_head are not supported")
+        if cfg.loss.shared_head and cfg.ibot_head.nested_levels != cfg.dino_head.nested_levels:
+            raise ConfigError("loss.shared_head: ibot_head is unused, set its nested_levels like dino_head's")
+        if not cfg.distill.teacher and cfg.loss.centering == "sinkhorn" and cfg.loss.sinkhorn_iterations == 0:
             raise ConfigError(
                 "loss.sinkhorn_iterations=0 (no centring) needs a frozen distill.teacher: an EMA teacher collapses"
             )
@@ -149,7 +160,7 @@ class SSLRecipe(Recipe):
             trained=self.student,
             sharded=[self.teacher, *([self.gram_teacher] if self.gram_teacher is not None else [])],
             compiled=models,
-            dynamic=[head for m in models for head in (m.dino_head, m.ibot_head)],
+            dynamic=[head for m in models for head in (m.dino_head, m.ibot_head) if head is not None],
             compiled_methods=["loss_terms"],
         )
 
@@ -239,20 +250,53 @@ class SSLRecipe(Recipe):
         iBOT terms. One function of tensors, so that ``train.compile`` can fuse the passes over the
         ``[M, K]`` logits (softmax, cross-entropy, Sinkhorn-Knopp) into few kernels.
         ``student_cls``: the student's DINO logits of the global then the local crops, crop-major."""
-        iterations, temp = self.cfg.loss.sinkhorn_iterations, self.cfg.loss.student_temp
-        cls_probs = sinkhorn_knopp(teacher_cls, teacher_temp, iterations).unflatten(0, (N_GLOBAL, -1))
-        patch_probs = sinkhorn_knopp(teacher_patches, teacher_temp, iterations, n_samples=n_masked)
+        temp = self.cfg.loss.student_temp
         n_global_rows = global_cls_tokens.shape[0]
-        global_logits = student_cls[:n_global_rows].unflatten(0, (N_GLOBAL, -1))
-        local_logits = student_cls[n_global_rows:].unflatten(0, (-1, cls_probs.shape[1]))
-        return {
-            "dino_local": dino_loss(local_logits, cls_probs, temp),
-            "dino_global": dino_loss(
-                global_logits, cls_probs, temp, ignore_diagonal=self.weights.global_ignore_diagonal
-            ),
-            "koleo": sum(self._koleo(c) for c in global_cls_tokens.chunk(N_GLOBAL)) / N_GLOBAL,
-            "ibot": ibot_loss_masked(student_patches, patch_probs, masks, masks_weight, temp),
-        }
+        student_global, student_local = student_cls[:n_global_rows], student_cls[n_global_rows:]
+        terms = {"dino_local": 0.0, "dino_global": 0.0, "ibot": 0.0}
+        # One level for a plain head; Franca's nested heads: each level's targets and losses, summed.
+        dino_sizes = self.student.dino_head.level_sizes
+        ibot_sizes = self.student.patch_head.level_sizes
+        for level, (t_cls, s_glob, s_loc, t_patch, s_patch) in enumerate(
+            zip(
+                teacher_cls.split(dino_sizes, -1),
+                student_global.split(dino_sizes, -1),
+                student_local.split(dino_sizes, -1),
+                teacher_patches.split(ibot_sizes, -1),
+                student_patches.split(ibot_sizes, -1),
+                strict=True,
+            )
+        ):
+            cls_probs = self._targets("dino", level, t_cls, teacher_temp).unflatten(0, (N_GLOBAL, -1))
+            patch_probs = self._targets("ibot", level, t_patch, teacher_temp, n_samples=n_masked)
+            terms["dino_local"] = terms["dino_local"] + dino_loss(
+                s_loc.unflatten(0, (-1, cls_probs.shape[1])), cls_probs, temp
+            )
+            terms["dino_global"] = terms["dino_global"] + dino_loss(
+                s_glob.unflatten(0, (N_GLOBAL, -1)),
+                cls_probs,
+                temp,
+                ignore_diagonal=self.weights.global_ignore_diagonal,
+            )
+            terms["ibot"] = terms["ibot"] + ibot_loss_masked(s_patch, patch_probs, masks, masks_weight, temp)
+        if self.centers is not None:  # batch n's statistics centre batch n + 1 (DINOv2)
+            self.centers["dino"].update(teacher_cls)
+            self.centers["ibot"].update(teacher_patches)
+        terms["koleo"] = sum(self._koleo(c) for c in global_cls_tokens.chunk(N_GLOBAL)) / N_GLOBAL
+        return terms
+
+    def _targets(
+        self, head: str, level: int, logits: Tensor, teacher_temp: float, n_samples: Tensor | None = None
+    ) -> Tensor:
+        """The teacher's target distributions of one head level: Sinkhorn-Knopp, or the softmax around
+        that level's slice of the EMA centre."""
+        if self.centers is None:
+            return sinkhorn_knopp(logits, teacher_temp, self.cfg.loss.sinkhorn_iterations, n_samples=n_samples)
+        sizes = (
+            self.student.dino_head if head == "dino" else self.student.ibot_head or self.student.dino_head
+        ).level_sizes
+        center = self.centers[head].center.split(sizes, -1)[level]
+        return torch.softmax((logits.float() - center) / teacher_temp, dim=-1)
 
     def _koleo(self, cls: Tensor) -> Tensor:
         """KoLeo within this rank's crops (official), or over groups of the global batch across ranks."""

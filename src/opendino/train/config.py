@@ -24,6 +24,7 @@ from opendino.recipes.config import (
     ModelConfig,
 )
 from opendino.recipes.gram import GramConfig
+from opendino.recipes.ijepa import IJEPAConfig
 from opendino.recipes.text import TextConfig
 from opendino.schedules import LOOP_SCHEDULES, SCALING_RULES, ScheduleSpec
 
@@ -142,6 +143,7 @@ class TrainConfig:
     monitor: MonitorConfig = dataclasses.field(default_factory=MonitorConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)  # the text recipe's (train.recipe=text)
+    ijepa: IJEPAConfig = dataclasses.field(default_factory=IJEPAConfig)  # the I-JEPA recipe's (train.recipe=ijepa)
 
     @property
     def total_steps(self) -> int:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from opendino.data.augment import normalize
 from opendino.data.synthetic import CLASSES, render_scene
 from opendino.losses import gram_loss
+from opendino.models.vit import global_feature
 from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
 N_SEG_CLASSES = len(CLASSES) + 1  # background + shapes
@@ -43,11 +44,12 @@ class DenseMonitor:
         out = backbone.eval()(self.images.to(device), is_training=True)
         patches = out["x_norm_patchtokens"].float().cpu()  # [N, P, D]
         cls = out["x_norm_clstoken"].float().cpu()
+        glob = global_feature(backbone, out).float().cpu()  # what k-NN reads (the mean patch for global_pool=avg)
         result = {
             "monitor_seg_miou": self._retrieval_miou(patches),
             "monitor_cls_patch_cos": F.cosine_similarity(cls[:, None], patches, dim=-1).mean().item(),
             "monitor_knn": knn_accuracy(
-                cls[: self.n_fit], self.labels[: self.n_fit], cls[self.n_fit :], self.labels[self.n_fit :], ks=(10,)
+                glob[: self.n_fit], self.labels[: self.n_fit], glob[self.n_fit :], self.labels[self.n_fit :], ks=(10,)
             )[10],
         }
         if reference is not None:
