@@ -22,6 +22,7 @@ from opendino.data.pipeline import DataPipeline, open_training_source
 from opendino.losses import dino_loss
 from opendino.models import load_model
 from opendino.models.heads import DINOHead, MatryoshkaHead, WeightNormLinear
+from opendino.recipes import recipe_class
 from opendino.recipes import ssl as ssl_module
 from opendino.recipes.gram import GramAnchor, GramConfig
 from opendino.recipes.ijepa import IJEPARecipe
@@ -141,6 +142,28 @@ def test_opendino_eval_reads_a_peer_recipes_run(recipe, tmp_path):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["trained"]) == {"knn", "seg"} and set(results["random_init"]) == {"knn", "seg"}
+
+
+# Backbone sizes of the full-scale presets (built on the meta device): the released DINOv2 counts less the
+# position embeddings beyond the 224-px grid (1370 - 257 rows), the I-JEPA ViT-H/14 (~630.4M without our
+# CLS / mask tokens and LayerScale), the DINOv3 7B's width for Web-DINO.
+FULL_SCALE = {
+    "dinov2/vitl14.yaml": (304_368_640 - (1370 - 257) * 1024, 0),
+    "dinov2/vitg14.yaml": (1_136_480_768 - (1370 - 257) * 1536, 0),
+    "dinov2/webdino_7b.yaml": (6.7e9, 0.05e9),
+    "ijepa/vith14_in1k.yaml": (630.4e6, 0.3e6),
+    "franca/vitl14.yaml": (303.7e6, 0.1e6),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(FULL_SCALE))
+def test_the_full_scale_presets_build_the_published_geometries(preset):
+    cfg = load_train_config(REPO / "configs" / preset)
+    with torch.device("meta"):
+        recipe = recipe_class(cfg.train.recipe).from_config(cfg)
+    count = sum(p.numel() for p in recipe.export_module().parameters())
+    expected, tolerance = FULL_SCALE[preset]
+    assert abs(count - expected) <= tolerance, (preset, count)
 
 
 # -- I-JEPA -------------------------------------------------------------------------------------
