@@ -138,7 +138,7 @@ def test_named_models_have_the_released_keys_and_shapes(name):
 
 
 def test_parameter_counts_match_the_released_sizes():
-    # Computed from the released module definitions (docs/design/peers_recipe.md §1).
+    # Computed from the released module definitions (docs/design/peers.md §1).
     expected = {"s": 22_056_576, "b": 86_580_480, "l": 304_368_640, "g": 1_136_480_768}
     for size, count in expected.items():
         assert sum(p.numel() for p in build_model(f"dinov2_vit{size}14", device="meta").parameters()) == count

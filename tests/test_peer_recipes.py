@@ -102,11 +102,16 @@ def test_a_demo_preset_resumes_after_kill_9_with_the_uninterrupted_metrics(recip
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("recipe", ["ijepa", "dinov2", "franca"])
-def test_a_demo_preset_runs_on_two_gloo_ranks_and_its_run_resumes_on_one(recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, data_parallel", [("ijepa", "ddp"), ("ijepa", "fsdp"), ("dinov2", "ddp"), ("franca", "ddp")]
+)
+def test_a_demo_preset_runs_on_two_gloo_ranks_and_its_run_resumes_on_one(recipe, data_parallel, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    run = tmp_path / "ddp"
-    torchrun_train(_preset(recipe), run, *_overrides(recipe, run, "train.steps=3", "model.drop_path_rate=0.0"))
+    run = tmp_path / data_parallel
+    parallel = [f"parallel.data_parallel={data_parallel}", "parallel.param_dtype=fp32"]
+    torchrun_train(
+        _preset(recipe), run, *_overrides(recipe, run, "train.steps=3", "model.drop_path_rate=0.0", *parallel)
+    )
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     overrides = _overrides(recipe, run, "train.steps=5", "model.drop_path_rate=0.0", "train.batch_size=8")
@@ -145,10 +150,11 @@ def test_opendino_eval_reads_a_peer_recipes_run(recipe, tmp_path):
 
 
 # Backbone sizes of the full-scale presets (built on the meta device): the released DINOv2 counts less the
-# position embeddings beyond the 224-px grid (1370 - 257 rows), the I-JEPA ViT-H/14 (~630.4M without our
-# CLS / mask tokens and LayerScale), the DINOv3 7B's width for Web-DINO.
+# position embeddings beyond the 224-px grid (1370 - 257 rows) -- ViT-L/14 trained with SwiGLU (hidden 2736:
+# 17,760 more parameters per block than the released MLP) --, the I-JEPA ViT-H/14 (~630.4M without our CLS
+# and mask tokens), the DINOv3 7B's width for Web-DINO.
 FULL_SCALE = {
-    "dinov2/vitl14.yaml": (304_368_640 - (1370 - 257) * 1024, 0),
+    "dinov2/vitl14.yaml": (304_368_640 - (1370 - 257) * 1024 + 24 * 17_760, 0),
     "dinov2/vitg14.yaml": (1_136_480_768 - (1370 - 257) * 1536, 0),
     "dinov2/webdino_7b.yaml": (6.7e9, 0.05e9),
     "ijepa/vith14_in1k.yaml": (630.4e6, 0.3e6),
@@ -187,6 +193,22 @@ def test_ijepa_trains_context_encoder_and_predictor_never_the_target(tmp_path):
     assert recipe.student.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in recipe.target.parameters())
     assert recipe.export_module() is recipe.target
+
+
+def test_the_context_encoder_on_every_patch_is_the_whole_network_and_drop_path_follows_the_rows(tmp_path):
+    recipe, batch = _ijepa(tmp_path, "model.drop_path_rate=0.5")
+    backbone = recipe.target  # eval mode: no stochastic depth
+    images = batch["global"]
+    every = torch.arange(64).expand(images.shape[0], -1)
+    kept = backbone.forward_kept(images, every)["x_norm_patchtokens"]
+    assert torch.allclose(kept, backbone(images, is_training=True)["x_norm_patchtokens"], atol=1e-5)
+    some = torch.stack([torch.randperm(64)[:20].sort().values for _ in range(images.shape[0])])
+    alone = backbone.forward_kept(images[:1], some[:1])["x_norm_patchtokens"]
+    assert torch.allclose(backbone.forward_kept(images, some)["x_norm_patchtokens"][:1], alone, atol=1e-5)
+    recipe.before_step(0)  # the student in train mode: stochastic depth on a subset of the rows
+    loss, _ = recipe(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
 
 
 def test_ijepa_masks_follow_the_step_only(tmp_path):

@@ -6,7 +6,7 @@ attempts each) until no rectangle fits, then the remainder uniformly at random. 
 random streams (a ``random.Random`` and a numpy ``RandomState``); seeded like the official code's global
 generators they give the official masks exactly.
 
-``multiblock_masks`` draws I-JEPA multi-block context / target index sets (docs/design/peers_recipe.md §2),
+``multiblock_masks`` draws I-JEPA multi-block context / target index sets (docs/design/peers.md §2),
 from a ``torch.Generator``.
 """
 
@@ -85,7 +85,7 @@ class BlockMaskGenerator:
 
 @dataclass(frozen=True)
 class MultiBlockSpec:
-    """The I-JEPA multi-block masking recipe (docs/design/peers_recipe.md §2); the defaults are the paper's."""
+    """The I-JEPA multi-block masking recipe (docs/design/peers.md §2); the defaults are the paper's."""
 
     n_targets: int = 4  # target blocks per image (each one predicted separately)
     target_scale: tuple[float, float] = (0.15, 0.2)  # target block area as a fraction of the grid

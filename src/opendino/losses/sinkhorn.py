@@ -74,6 +74,6 @@ class SoftmaxCenter(nn.Module):
     def update(self, logits: Tensor, group=None) -> None:
         rows = logits.float().reshape(-1, logits.shape[-1])
         # the mean over every rank's rows (ranks hold different numbers of masked patches)
-        count = all_reduce_sum(rows.new_tensor(float(rows.shape[0])), group)
+        count = all_reduce_sum(torch.full((), rows.shape[0], dtype=rows.dtype, device=rows.device), group)
         batch_center = all_reduce_sum(rows.sum(dim=0), group) / count
         self.center.mul_(self.momentum).add_(batch_center.view_as(self.center), alpha=1 - self.momentum)

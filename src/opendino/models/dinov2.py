@@ -1,6 +1,6 @@
 """The DINOv2 Vision Transformer (with and without registers) as a variant of the DINOv3 ViT.
 
-What differs from :class:`~opendino.models.vit.DinoVisionTransformer` (docs/design/peers_recipe.md §1):
+What differs from :class:`~opendino.models.vit.DinoVisionTransformer` (docs/design/peers.md §1):
 
 - positions are a learned absolute embedding ``pos_embed [1, 1 + N0, D]`` over the cls token and the patch
   grid of ``img_size`` (no RoPE), added after masked patches are replaced by ``mask_token``; the register
@@ -98,7 +98,7 @@ class DinoV2VisionTransformer(DinoVisionTransformer):
             ffn_bias=ffn_bias,
             # Stochastic depth: the parent's per-branch batch-subset algorithm at one rate for all blocks.
             # DINOv2 uses it above 0.1 only; at 0 < rate <= 0.1 it uses Bernoulli DropPath per sample
-            # instead (docs/design/peers_recipe.md §1), which this model does not reproduce.
+            # instead (docs/design/peers.md §1), which this model does not reproduce.
             drop_path_rate=drop_path_rate,
             layerscale_init=init_values,
             norm_layer="layernorm",

@@ -1,6 +1,6 @@
 """The I-JEPA predictor: a narrow transformer that predicts target-block features from context features.
 
-Built from the facts in docs/design/peers_recipe.md §2: the context features are projected to ``pred_dim``,
+Built from the facts in docs/design/peers.md §2: the context features are projected to ``pred_dim``,
 given fixed 2-D sin-cos positions, and, for every target block separately, concatenated with mask tokens
 (one shared learnable token plus the position of each target cell). The transformer runs on each
 (image, target block) pair as its own sequence, so target blocks never see each other; the outputs at the

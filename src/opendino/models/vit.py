@@ -217,6 +217,11 @@ class Block(nn.Module):
         """``subsets``: with stochastic depth, the rows of each token group that run the attention and the
         FFN branch (``drop_path_subsets``); None runs both on every row."""
         attn_rows, ffn_rows = subsets if subsets is not None else (None, None)
+        if attn_rows is not None:  # per-row rotations ([B, 1, K, d], forward_kept) follow their rows
+            ropes = [
+                r if r is None or r[0].dim() < 4 else (r[0][rows], r[1][rows])
+                for r, rows in zip(ropes, attn_rows, strict=True)
+            ]
         xs = self._residual(xs, lambda t: self._attn_branch(t, ropes), attn_rows)
         return self._residual(xs, self._ffn_branch, ffn_rows)
 

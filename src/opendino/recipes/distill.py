@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from opendino import runs
 from opendino.config import build
 from opendino.recipes.base import ParallelPlan
-from opendino.recipes.config import HeadConfig, ModelConfig
+from opendino.recipes.config import HeadConfig, LossConfig, ModelConfig
 from opendino.recipes.ssl import SSLModel, build_student
 from opendino.runs import newest_state, prefixed, read_config
 
@@ -37,12 +37,12 @@ def load_distillation_teacher(run: str | Path, *students: SSLModel) -> SSLModel:
             "`opendino train ... init.backbone=FILE init.head_warmup_steps=N`"
         ) from None
     tree = read_config(run)
-    sections = {"model": ModelConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig}
+    sections = {"model": ModelConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig, "loss": LossConfig}
     teacher = build_student(types.SimpleNamespace(**{k: build(c, tree.get(k, {}), k) for k, c in sections.items()}))
     teacher.load_state_dict(prefixed(state["model"], "teacher."))
     for student in students:
         for head in ("dino_head", "ibot_head"):
-            ours, theirs = (getattr(m, head).last_layer.out_features for m in (student, teacher))
+            ours, theirs = (sum(getattr(m, head).level_sizes) for m in (student, teacher))
             if ours != theirs:
                 raise ValueError(
                     f"{head}: the student has {ours} prototypes, the teacher {theirs}; set {head}.prototypes={theirs}"

@@ -120,7 +120,7 @@ class GramAnchor:
             grid = int(round(student.shape[1] ** 0.5))
             teacher = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
         else:
-            grid = int(round(batch["global"].shape[-1] / self.source.feature_stride))
+            grid = batch["global"].shape[-1] // self.source.feature_stride  # the patch embedding floors
             full = ema_patches if g.ema_teacher else self.targets(batch["gram"], grid)
             teacher = full.gather(1, positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
         tokens = None

@@ -118,6 +118,8 @@ class IJEPARecipe(Recipe):
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
+        if cfg.crops.n_local:
+            raise ConfigError(f"ijepa uses no local crops: set crops.n_local=0 (is {cfg.crops.n_local})")
         if cfg.gram.enabled and cfg.gram.tokens_used != "all":
             raise ConfigError("ijepa: gram.tokens_used must be `all` (the context patches are the student's tokens)")
         if cfg.distill.teacher or cfg.init.backbone_blocks is not None:

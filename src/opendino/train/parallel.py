@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed._composable.replicate import replicate
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from opendino.recipes.base import ParallelPlan
@@ -85,6 +85,8 @@ def _fully_shard(model: nn.Module, policy: MixedPrecisionPolicy) -> None:
     if backbone is not model:
         fully_shard(backbone, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    if hasattr(backbone, "forward_kept"):  # called by I-JEPA's model instead of forward: unshard around it too
+        register_fsdp_forward_method(backbone, "forward_kept")
 
 
 def apply_data_parallel(plan: ParallelPlan, cfg: ParallelConfig, device: torch.device) -> None:
