@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,20 @@ def torchrun_train(preset: Path, run: Path, *overrides: str) -> None:
     cmd += [str(REPO / "tests" / "abort_at_exit.py"), "train", str(preset), f"run.dir={run}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def train_then_kill_9(preset: Path, run: Path, overrides: list[str], records: int, timeout: float = 180) -> int:
+    """``opendino train`` in a subprocess, killed with SIGKILL once ``records`` metric records are written
+    (past a checkpoint); returns how many records it wrote. Same thread count as this process (float sums
+    depend on it), whatever OMP_NUM_THREADS the shell has."""
+    from opendino.train.logging import read_metrics
+
+    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(read_metrics(run)) < records:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(read_metrics(run))

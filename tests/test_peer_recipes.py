@@ -6,11 +6,6 @@ read by ``opendino eval``."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +25,7 @@ from opendino.recipes.ssl import SSLRecipe
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
-from tests.conftest import REPO, torchrun_train
+from tests.conftest import REPO, torchrun_train, train_then_kill_9
 
 # Each demo preset at test size: the same recipe settings, a tiny world, model and run.
 SMALL = [
@@ -86,15 +81,9 @@ def test_a_demo_preset_resumes_after_kill_9_with_the_uninterrupted_metrics(recip
     reference = tmp_path / "reference"
     Trainer(load_train_config(_preset(recipe), _overrides(recipe, reference, *steps))).run()
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "opendino", "train", str(_preset(recipe)), *_overrides(recipe, run, *steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(run)) < 5:  # past the first checkpoint (step 3)
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(run)) < 8, "the run finished before it could be killed"
+    overrides = _overrides(recipe, run, *steps)
+    # past the first checkpoint (step 3)
+    assert train_then_kill_9(_preset(recipe), run, overrides, 5) < 8, "the run finished before it could be killed"
     Trainer(load_train_config(_preset(recipe), _overrides(recipe, run, *steps))).run()
     assert _values(run) == _values(reference)
     a = load_model(run / "teacher.safetensors").state_dict()

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +18,7 @@ from opendino.models.text import load_text_model
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
-from tests.conftest import REPO, torchrun_train
+from tests.conftest import REPO, torchrun_train, train_then_kill_9
 
 STEPS = 8
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "layerscale_init": 0.1, "pos_embed_rope_dtype": "fp32"}
@@ -95,15 +90,8 @@ def load_model_state(path: Path) -> dict:
 
 def test_a_resume_after_kill_9_and_a_partial_cache_give_identical_metrics(preset, reference, tmp_path):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(read_metrics(run)) < 5:  # past the first checkpoint (step 2)
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(run)) < STEPS, "the run finished before it could be killed"
+    # past the first checkpoint (step 2)
+    assert train_then_kill_9(preset, run, [], 5) < STEPS, "the run finished before it could be killed"
     cache = run / "feature_cache"
     kept = {p.name: p.stat().st_mtime_ns for p in cache.glob("chunk_*.npy")}
     # a build killed mid-chunk: that chunk is absent and a temporary file is left behind

@@ -3,11 +3,6 @@ exports, resumes after kill -9 with identical metrics and trains on 2 gloo ranks
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +14,7 @@ from opendino.models import load_model
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
 from opendino.train.trainer import Trainer
-from tests.conftest import REPO, torchrun_train
+from tests.conftest import REPO, torchrun_train, train_then_kill_9
 
 B, STEPS = 4, 8
 TOY = {
@@ -73,15 +68,8 @@ def test_the_toy_recipe_trains_logs_its_terms_and_exports_its_ema(reference):
 
 def test_the_toy_recipe_resumes_after_kill_9_with_identical_metrics(preset, reference, tmp_path):
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(run)) < 4:  # past the first checkpoint (step 2)
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(run)) < STEPS, "the run finished before it could be killed"
+    # past the first checkpoint (step 2)
+    assert train_then_kill_9(preset, run, [], 4) < STEPS, "the run finished before it could be killed"
     Trainer(load_train_config(preset, [f"run.dir={run}"])).run()
     assert _values(run) == _values(reference)
 

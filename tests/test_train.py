@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from opendino.train.logging import read_metrics
 from opendino.train.optim import apply_schedules, build_optimizer
 from opendino.train.step import train_step
 from opendino.train.trainer import Trainer, TrainingDiverged
-from tests.conftest import REPO
+from tests.conftest import REPO, train_then_kill_9
 
 TINY = {
     "data": {"source": "synthetic", "synthetic_n": 64, "synthetic_size": 48},
@@ -148,16 +146,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_metrics(preset, tmp_path):
     reference = tmp_path / "reference"
     Trainer(load_train_config(preset, [f"run.dir={reference}"])).run()
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "opendino", "train", str(preset), f"run.dir={run}"]
-    # the same thread count as this process (float sums depend on it), whatever OMP_NUM_THREADS the shell has
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(run)) < 7:  # past the first checkpoint (step 3)
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(run)) < 12, "the run finished before it could be killed"
+    # past the first checkpoint (step 3)
+    assert train_then_kill_9(preset, run, [], 7) < 12, "the run finished before it could be killed"
     Trainer(load_train_config(preset, [f"run.dir={run}"])).run()  # resumes from the last checkpoint
     assert _values(read_metrics(run)) == _values(read_metrics(reference))
     a = load_model(run / "teacher.safetensors").state_dict()
