@@ -340,3 +340,14 @@ def test_nested_heads_sum_one_loss_per_level(tmp_path, monkeypatch):
     assert sorted(calls) == [64, 64, 128, 128, 256, 256]  # local and global term of each level
     with pytest.raises(ConfigError, match="divisible"):
         load_train_config(_preset("franca"), _overrides("franca", tmp_path / "r", "dino_head.prototypes=250"))
+
+
+def test_features_of_a_mean_pooled_model_are_not_the_cached_ones_of_its_cls_twin():
+    from opendino.eval.features import model_fingerprint
+    from opendino.models import build_model
+
+    torch.manual_seed(0)
+    token = build_model("vit_small", embed_dim=32, depth=1, num_heads=2)
+    pooled = build_model("vit_small", embed_dim=32, depth=1, num_heads=2, global_pool="avg")
+    pooled.load_state_dict(token.state_dict())
+    assert model_fingerprint(token) != model_fingerprint(pooled)

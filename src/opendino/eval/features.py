@@ -157,11 +157,14 @@ def save_features(features: Features, out: str | Path, meta: dict) -> list[Path]
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A digest of the weights: features cached for one model are never reused for another."""
+    """A digest of the weights and of what the global feature is: features cached for one model are never
+    reused for another (two random-initialised twins share their weights, not their pooling)."""
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if getattr(model, "global_pool", "token") != "token":  # the CLS-token models keep their earlier digests
+        digest.update(f"global_pool={model.global_pool}".encode())
     return digest.hexdigest()[:16]
 
 
