@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from opendino.data.pipeline import DataNeeds, MaskSpec
 
-__all__ = ["DataNeeds", "MaskSpec", "ParallelPlan", "Recipe", "ema_update_"]
+__all__ = ["DataNeeds", "MaskSpec", "ParallelPlan", "Recipe", "clip_per_submodule", "ema_update_"]
 
 
 @dataclasses.dataclass
@@ -124,6 +124,17 @@ class Recipe(nn.Module):
         """The recipe's own held-out metrics, every ``monitor.every`` steps (on every rank: a sharded model
         needs all of them), logged with the step's record."""
         return {}
+
+
+def clip_per_submodule(model: nn.Module, max_norm: float) -> dict[str, Tensor]:
+    """Clips the gradients of each child of ``model`` on its own (the official per-submodule rule);
+    ``max_norm`` 0 measures only. Under FSDP the norms are replicated DTensors; their local value is the
+    full norm."""
+    norms = {
+        name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or float("inf"), foreach=True)
+        for name, module in model.named_children()
+    }
+    return {name: n.to_local() if hasattr(n, "to_local") else n for name, n in norms.items()}
 
 
 @torch.no_grad()

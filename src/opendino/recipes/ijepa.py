@@ -31,7 +31,7 @@ from opendino.config import ConfigError, check_choice, check_minima
 from opendino.data.masking import MultiBlockSpec, multiblock_masks
 from opendino.models import build_model
 from opendino.models.predictor import JEPAPredictor
-from opendino.recipes.base import DataNeeds, ParallelPlan, Recipe, ema_update_
+from opendino.recipes.base import DataNeeds, ParallelPlan, Recipe, clip_per_submodule, ema_update_
 from opendino.recipes.gram import GramAnchor
 from opendino.recipes.param_groups import param_groups, param_settings
 from opendino.schedules import build_schedules
@@ -207,11 +207,7 @@ class IJEPARecipe(Recipe):
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
         """Per submodule (context encoder, predictor); I-JEPA itself does not clip (``optim.clip_grad=0``)."""
-        norms = {
-            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or float("inf"), foreach=True)
-            for name, module in self.student.named_children()
-        }
-        return {name: n.to_local() if hasattr(n, "to_local") else n for name, n in norms.items()}
+        return clip_per_submodule(self.student, max_norm)
 
     def after_update(self, step: int, finite: Tensor) -> None:
         ema_update_(list(self.target.parameters()), list(self.student.backbone.parameters()), self.momentum, finite)

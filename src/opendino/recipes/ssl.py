@@ -30,7 +30,7 @@ from opendino.losses import (
     total_loss,
 )
 from opendino.models import build_model
-from opendino.recipes.base import DataNeeds, MaskSpec, ParallelPlan, Recipe, ema_update_
+from opendino.recipes.base import DataNeeds, MaskSpec, ParallelPlan, Recipe, clip_per_submodule, ema_update_
 from opendino.recipes.gram import GramAnchor
 from opendino.recipes.param_groups import param_groups, param_settings
 from opendino.schedules import build_schedules
@@ -319,11 +319,5 @@ class SSLRecipe(Recipe):
         return self.teacher.backbone, self.gram_teacher
 
     def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
-        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe; ``max_norm`` 0
-        turns clipping off (the norms are still measured). Under FSDP the norms are replicated DTensors;
-        their local value is the full norm."""
-        norms = {
-            name: torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or float("inf"), foreach=True)
-            for name, module in self.student.named_children()
-        }
-        return {name: n.to_local() if hasattr(n, "to_local") else n for name, n in norms.items()}
+        """Per-submodule clipping (backbone, DINO head, iBOT head), as the official recipe."""
+        return clip_per_submodule(self.student, max_norm)
