@@ -286,6 +286,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str | None) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise UsageError(f"{text!r}: give comma-separated integers, e.g. 1000,100,10") from None
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from opendino.config import ConfigError
+    from opendino.curate import CurateConfig, run_curation
+    from opendino.train.distributed import init_distributed
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
+    config = CurateConfig(
+        pool=args.pool,
+        out=args.out,
+        size=args.size,
+        backbone=args.backbone,
+        levels=_int_list(args.levels),
+        steps=_int_list(args.steps),
+        sample_sizes=_int_list(args.sample_sizes),
+        iterations=args.iterations,
+        strategy=args.strategy,
+        multiplier=args.multiplier,
+        dedup=args.dedup,
+        dedup_k=args.dedup_k,
+        seed_set=args.seed_set,
+        per_seed=args.per_seed,
+        mix=args.mix,
+        homogeneous=args.homogeneous,
+        resolution=args.resolution,
+        chunk=args.chunk,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+        resume=args.resume,
+    )
+    try:
+        config.check()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a gloo group carries the k-means sums
+            env, device = init_distributed("cpu")
+            if args.device.startswith("cuda"):
+                config.device = f"cuda:{env.local_rank}"
+        counts = run_curation(config)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if "selection" in counts:
+        print(
+            f"pool {counts['pool']} -> {counts['embedded']} embedded ({counts['unreadable']} unreadable) -> "
+            f"{counts['kept']} after dedup ({counts['exact']} exact, {counts['near']} near) -> "
+            f"{counts['clustered']} clustered + {counts['retrieved']} retrieved -> {counts['selection']} in "
+            f"{Path(args.out) / 'selection.txt'}; report: {Path(args.out) / 'report.md'}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opendino",
@@ -448,6 +507,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", default=None, help="ROW,COL of the reference patch (default: the centre)")
     p.add_argument("--foreground", action="store_true", help="PCA of the foreground patches only")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser(
+        "curate",
+        help="curate an image pool: embed, deduplicate, hierarchical k-means, balanced sampling, retrieval, mix",
+        description="Turns an unlabelled pool (a folder, a .txt/.csv list or tar shards) into a training list: "
+        "embeds it with --backbone, removes exact copies (and near-duplicates with --dedup), clusters it with "
+        "a hierarchical k-means and samples the tree in a balanced way to --size images, retrieves the "
+        "--per-seed nearest images of every --seed-set image, and writes OUT/selection.txt (train with "
+        "`data.path=OUT/selection.txt`), OUT/mix.yaml and OUT/report.md. Every stage is resumable (--resume; a "
+        "kill loses at most the chunk being embedded or the k-means step being run). Under torchrun each "
+        "rank embeds a share of the pool and holds a share of the k-means points (docs/curation.md).",
+    )
+    p.add_argument("pool", help="image folder, .txt/.csv list, or tar shards (file, folder or glob)")
+    p.add_argument("--out", required=True, help="the curation folder")
+    p.add_argument("--size", type=int, default=0, help="images the balanced sampling picks (0: only retrieval)")
+    p.add_argument("--backbone", help="run folder, checkpoint file or model name (a name alone: random weights)")
+    p.add_argument("--levels", help="clusters per level, decreasing, e.g. 1000,100,10 (default: about n/16, /8, /8)")
+    p.add_argument("--steps", help="k-means runs per level (default: 10, or 1 where the sample size is 1)")
+    p.add_argument("--sample-sizes", help="resampling: points per cluster per level (default: half the mean size)")
+    p.add_argument("--iterations", type=int, default=50, help="Lloyd updates per k-means (default: %(default)s)")
+    p.add_argument("--strategy", choices=("random", "closest"), default="random", help="leaf picks (default: random)")
+    p.add_argument("--multiplier", type=int, default=1, help="the most times one image may be picked (default: 1)")
+    p.add_argument(
+        "--dedup", type=float, default=None, help="near-duplicate cosine threshold, e.g. 0.95 (exact copies always go)"
+    )
+    p.add_argument("--dedup-k", type=int, default=16, help="neighbours searched per image for near-duplicates")
+    p.add_argument("--seed-set", help="folder or list of seed images: retrieve their nearest pool images")
+    p.add_argument("--per-seed", type=int, default=4, help="neighbours retrieved per seed image (default: 4)")
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        help="a source of OUT/mix.yaml: NAME=PATH:WEIGHT (a raw source) or clustered:WEIGHT / retrieved:WEIGHT; "
+        "repeatable (default: the curated parts by size)",
+    )
+    p.add_argument("--homogeneous", help="NAME:FRACTION: that fraction of training steps draws from NAME alone")
+    p.add_argument("--resolution", type=int, default=224, help="embedding input size (default: %(default)s)")
+    p.add_argument("--chunk", type=int, default=4096, help="images per embedding shard (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=0, help="data-loader processes for decoding")
+    p.add_argument("--seed", type=int, default=0, help="k-means and sampling seed")
+    p.add_argument("--resume", action="store_true", help="continue OUT: keep the stages whose settings did not change")
+    p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")

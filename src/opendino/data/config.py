@@ -11,8 +11,10 @@ from opendino.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str | None = None  # folder | list | tar | synthetic; None: detected from `path` (none: synthetic)
-    path: str | None = None  # an image folder, a file list (txt/csv) or a folder of tar shards
+    source: str | None = None  # folder | list | tar | synthetic | mix; None: detected from `path` (none: synthetic)
+    # An image folder, a file list (txt/csv/tsv), tar shards (a file, a glob or a folder of them) or a mix
+    # manifest (.yaml/.yml: weighted sources, docs/data.md).
+    path: str | None = None
     synthetic_n: int = 100_000  # scenes in the synthetic training set
     synthetic_size: int = 128  # their rendering size in pixels
     num_workers: int = 0  # data-loading processes (decode, crops, masks); 0 = in the training process
@@ -35,6 +37,11 @@ class DataConfig:
             )
         if self.source not in (None, "synthetic") and self.path is None:
             raise ConfigError(f"data.source={self.source} needs data.path")
+        manifest = self.path is not None and self.path.lower().endswith((".yaml", ".yml"))
+        if self.source == "mix" and not manifest:
+            raise ConfigError(f"data.source=mix needs a .yaml/.yml mix manifest as data.path, not {self.path}")
+        if manifest and self.source not in (None, "mix"):
+            raise ConfigError(f"data.path={self.path} is a mix manifest: data.source=mix or null (not {self.source})")
         if self.crops_on_device and not self.photometric_on_device:
             raise ConfigError(
                 "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"

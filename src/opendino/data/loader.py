@@ -8,6 +8,15 @@ the number of workers or ranks, and resuming at step ``s`` needs only ``s``.
 
 With several crop-size sets (high-resolution adaptation) one set is chosen per step from the same
 probabilities on every rank, seeded by ``(seed, step)``, so a step is homogeneous across the job.
+
+A mix of sources (``opendino.data.mix``: ``source.mixture``) keeps the rule stateless. With
+``u(*parts) = (_seed(*parts) + 0.5) / 2**32``, step ``s`` is homogeneous when ``u(seed, 4, s) < fraction``
+(alike on every rank), and then every position reads the homogeneous source; otherwise global position
+``q`` reads the first source ``j`` whose cumulative weight exceeds ``u(seed, 5, q)``. Position ``q`` of
+source ``j`` (``n_j`` images from ``offset_j``) reads ``offset_j + perm_j(q // n_j)[q % n_j]``, where
+``perm_j(e)`` is ``randperm(n_j)`` seeded by ``_seed(seed, 6, j, e)``: each source keeps its own epoch
+permutations (no image repeats within ``n_j`` consecutive positions) and nothing depends on the steps
+before.
 """
 
 from __future__ import annotations
@@ -27,14 +36,24 @@ from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.collate import collate_masks, stack_crop_major
 from opendino.data.config import DataConfig
 from opendino.data.masking import BlockMaskGenerator
+from opendino.data.mix import Mixture
 from opendino.data.sources import ImageSource
 
 MAX_RETRIES = 64  # consecutive unreadable images tolerated before a sample fails
+# Seed streams of _seed(seed, STREAM, ...) (the epoch permutations of a single source take (seed, epoch)):
+# 1 sample augmentation, 2 step masks, 3 step crop set; with a mixture 4 the homogeneous steps,
+# 5 the source of a position, 6 the epoch permutations of a source.
+HOMOGENEOUS_STREAM, SOURCE_STREAM, SOURCE_PERM_STREAM = 4, 5, 6
 
 
 def _seed(*parts: int) -> int:
     # Non-negative parts enter whole: positions past 2**32 (a 1M-step run of 4,096 images) stay distinct.
     return int(np.random.SeedSequence([p if p >= 0 else p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _uniform(*parts: int) -> float:
+    """A uniform number in (0, 1) from ``_seed(*parts)`` (32 bits): one hash, no generator to build."""
+    return (_seed(*parts) + 0.5) / 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +75,20 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
         world_size: int = 1,
         start_step: int = 0,
         crop_set_probs: Sequence[float] = (1.0,),
+        mixture: Mixture | None = None,
     ) -> None:
         if n <= 0:
             raise ValueError("cannot sample from an empty source")
+        if mixture is not None and mixture.total != n:
+            raise ValueError(f"the mixture holds {mixture.total} images, the source {n}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size, self.start_step = rank, world_size, start_step
         self.crop_set_probs = np.asarray(crop_set_probs, dtype=float) / sum(crop_set_probs)
+        self.mixture = mixture
         self._epoch, self._perm = -1, None
+        if mixture is not None:
+            self._cumulative = np.cumsum(mixture.weights)
+            self._source_perms: dict[int, tuple[int, list[int]]] = {}  # source -> (epoch, its permutation)
 
     def _index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.n)
@@ -70,6 +96,30 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
             gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).tolist()
         return self._perm[offset]
+
+    def homogeneous_at(self, step: int) -> bool:
+        """Whether every image of ``step`` comes from the mixture's homogeneous source (alike on every rank)."""
+        mix = self.mixture
+        if mix is None or mix.homogeneous is None or mix.fraction <= 0:
+            return False
+        return _uniform(self.seed, HOMOGENEOUS_STREAM, step) < mix.fraction
+
+    def source_at(self, position: int, homogeneous: bool = False) -> int:
+        """The mixture's source that global ``position`` reads (the homogeneous one in a homogeneous step)."""
+        if homogeneous:
+            return self.mixture.homogeneous
+        u = _uniform(self.seed, SOURCE_STREAM, position)
+        return min(int(np.searchsorted(self._cumulative, u, side="right")), len(self._cumulative) - 1)
+
+    def _mixed_index_at(self, position: int, homogeneous: bool) -> int:
+        j = self.source_at(position, homogeneous)
+        n = self.mixture.sizes[j]
+        epoch, offset = divmod(position, n)
+        cached = self._source_perms.get(j)
+        if cached is None or cached[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, SOURCE_PERM_STREAM, j, epoch))
+            cached = self._source_perms[j] = (epoch, torch.randperm(n, generator=gen).tolist())
+        return self.mixture.offsets[j] + cached[1][offset]
 
     def crop_set_at(self, step: int) -> int:
         if len(self.crop_set_probs) == 1:
@@ -80,8 +130,13 @@ class StepBatchSampler(Sampler[list[SampleRef]]):
     def batch_at(self, step: int) -> list[SampleRef]:
         start = (step * self.world_size + self.rank) * self.batch_size
         crop_set, mask_seed = self.crop_set_at(step), _seed(self.seed, 2, step)
+        if self.mixture is None:
+            index_at = self._index_at
+        else:
+            homogeneous = self.homogeneous_at(step)
+            index_at = lambda q: self._mixed_index_at(q, homogeneous)  # noqa: E731
         return [
-            SampleRef(self._index_at(q), _seed(self.seed, 1, q), crop_set, mask_seed)
+            SampleRef(index_at(q), _seed(self.seed, 1, q), crop_set, mask_seed)
             for q in range(start, start + self.batch_size)
         ]
 
@@ -269,6 +324,7 @@ def build_ssl_loader(
         world_size=world_size,
         start_step=start_step,
         crop_set_probs=crop_set_probs,
+        mixture=getattr(source, "mixture", None),
     )
     return DataLoader(
         MultiCropDataset(source, crop_sets, photometric_in_worker, crops_on_device, max_image_side),

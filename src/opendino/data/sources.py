@@ -2,11 +2,14 @@
 
 Every source is an indexable collection of ``(path, label)`` records with ``load(i) -> uint8 [3, H, W]
 tensor or None``. ``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` / ``.tsv``
-list, ``.tar`` shards given as a file, a glob or a folder of shards) or ``open_source(source="synthetic")``.
+list, ``.tar`` shards given as a file, a glob or a folder of shards, a ``.yaml`` mix manifest of several of
+them: opendino.data.mix) or ``open_source(source="synthetic")``.
 Unreadable images never stop a job: ``load`` returns None, and callers skip, count and report them.
 
 Tar shards use the webdataset layout (``<key>.<ext>`` members, an optional ``<key>.cls`` label and ``<key>.txt``
 caption); they are indexed once and read by random access, so every source shares one seeded, resumable sampler.
+A record path ``<shard>.tar:<member>`` (a tar shard's record, as a list of them names it) that is not itself a
+file reads that member of the shard (each shard's members indexed once per process, on first use).
 Captions (a CSV/TSV column, tar text members) are kept on the source; opendino.data.captions pairs them.
 """
 
@@ -15,6 +18,9 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import os
+import posixpath
+import stat
 import tarfile
 import warnings
 from collections.abc import Sequence
@@ -78,6 +84,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _shard_members(shard: str, stamp: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """``member name -> (data offset, size)`` of the files in ``shard`` (names normalised), indexed on first
+    use and cached per process; ``stamp`` (mtime, size) re-indexes a shard rewritten since. A shard that
+    cannot be read has no members (its records are then unreadable images, replaced and reported)."""
+    key = (shard, stamp)
+    members = _SHARD_MEMBERS.get(key)
+    if members is None:
+        try:
+            with tarfile.open(shard) as tar:
+                members = {posixpath.normpath(m.name): (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+        except (OSError, tarfile.TarError):
+            members = {}
+        _SHARD_MEMBERS[key] = members
+    return members
+
+
+_SHARD_MEMBERS: dict[tuple[str, tuple[int, int]], dict[str, tuple[int, int]]] = {}
+
+
+def read_tar_member(path: str) -> bytes | None:
+    """The bytes of ``<shard>.tar:<member>`` (the first ``.tar:`` whose left side is an existing file), or
+    None if ``path`` names no member of an existing shard."""
+    lower, start = path.lower(), 0
+    while (at := lower.find(".tar:", start)) >= 0:
+        start = at + 1
+        shard, member = path[: at + 4], path[at + 5 :]
+        try:
+            st = os.stat(shard)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or not member:
+            continue
+        entry = _shard_members(shard, (st.st_mtime_ns, st.st_size)).get(posixpath.normpath(member))
+        if entry is None:
+            continue
+        try:
+            with open(shard, "rb") as f:
+                f.seek(entry[0])
+                return f.read(entry[1])
+        except OSError:
+            return None
+    return None
+
+
+def load_path(path: str, max_side: int = MAX_SIDE) -> Tensor | None:
+    """``decode_image`` of a file, or of a tar member named ``<shard>.tar:<member>`` when ``path`` is not a
+    file."""
+    if ".tar:" in path.lower() and not os.path.isfile(path):
+        data = read_tar_member(path)
+        if data is not None:
+            return decode_image(data, max_side)
+    return decode_image(path, max_side)
+
+
 class ImageSource(torch.utils.data.Dataset):
     """Indexable records ``(path, label)``; ``label`` is -1 when the source has none."""
 
@@ -100,7 +160,7 @@ class ImageSource(torch.utils.data.Dataset):
         return self.records[index][1]
 
     def load(self, index: int) -> Tensor | None:
-        return decode_image(self.records[index][0])
+        return load_path(self.records[index][0])
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
         return self.load(index), self.label(index)
@@ -234,18 +294,23 @@ class SyntheticSource(ImageSource):
         return torch.from_numpy(np.array(scene.image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-SOURCES = ("folder", "list", "tar", "synthetic")
+SOURCES = ("folder", "list", "tar", "synthetic", "mix")
 
 
 def open_source(path: str | Path | None = None, source: str | None = None, **synthetic_kwargs) -> ImageSource:
-    """The source for ``path``, of kind ``source`` (``folder``, ``list``, ``tar``) or, without it, the kind the
-    path shows; ``source="synthetic"`` (or no path) is the embedded world."""
+    """The source for ``path``, of kind ``source`` (``folder``, ``list``, ``tar``, ``mix``) or, without it, the
+    kind the path shows (a ``.yaml`` / ``.yml`` file is a mix manifest: ``mix.open_mix``); ``source="synthetic"``
+    (or no path) is the embedded world."""
     from opendino.data.config import DataConfig
 
     DataConfig(source=source, path=None if path is None else str(path)).check()  # the rules' one home
     if source == "synthetic" or path is None:
         return SyntheticSource(**synthetic_kwargs)
     text, p = str(path), Path(path)
+    if source == "mix" or (source is None and p.suffix.lower() in (".yaml", ".yml") and not p.is_dir()):
+        from opendino.data.mix import open_mix
+
+        return open_mix(p)
     if not p.exists():  # a glob of shards (a path that exists is taken as it is, brackets and all)
         shards = sorted(glob.glob(text)) if any(ch in text for ch in "*?[") else []
         if not shards:
@@ -274,7 +339,7 @@ def open_source(path: str | Path | None = None, source: str | None = None, **syn
         raise ValueError(f"data.source=list needs a .txt or .csv file (or a .tsv list), not {p}")
     if source is None and is_image(p):
         return ImageSource([(str(p), -1)], str(p))
-    raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv/.tsv list or .tar shards")
+    raise ValueError(f"{p}: not an image folder, an image, a .txt/.csv/.tsv list, .tar shards or a .yaml mix")
 
 
 def list_images(path: str | Path) -> list[Path]:

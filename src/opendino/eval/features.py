@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from opendino.data.sources import decode_image
+from opendino.data.sources import ImageSource, decode_image
 from opendino.models.vit import global_feature
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
@@ -31,6 +31,7 @@ class Features:
     paths: list[str]
     skipped: list[str]
     seconds: float
+    hashes: list[str] | None = None  # with ``content_hash``: a digest of each kept image's decoded pixels
 
     @property
     def images_per_second(self) -> float:
@@ -53,28 +54,47 @@ def eval_transform(resolution: int, mean: Sequence[float], std: Sequence[float],
 
 
 class _ImageDataset(Dataset):
-    def __init__(self, paths: Sequence[Path], transform) -> None:
-        self.paths, self.transform = list(paths), transform
+    """Transformed images of ``paths`` (or of an image source, by position in ``indices``)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path] | ImageSource,
+        transform,
+        indices: Sequence[int] | None = None,
+        content_hash: bool = False,
+    ) -> None:
+        self.source = paths if isinstance(paths, ImageSource) else None
+        self.paths = None if self.source is not None else list(paths)
+        self.indices = list(range(len(paths))) if indices is None else list(indices)
+        self.transform, self.content_hash = transform, content_hash
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int]:
-        img = decode_image(self.paths[i])
-        return (None if img is None else self.transform(img)), i
+    def __getitem__(self, i: int) -> tuple[Tensor | None, int] | tuple[Tensor | None, int, str]:
+        index = self.indices[i]
+        img = decode_image(self.paths[index]) if self.source is None else self.source.load(index)
+        out = (None if img is None else self.transform(img)), i
+        if not self.content_hash:
+            return out
+        # The decoded pixels, not the file bytes: a lossless re-save of the same image is the same image.
+        digest = "" if img is None else hashlib.sha1(str(tuple(img.shape)).encode() + img.numpy().tobytes())
+        return (*out, digest and digest.hexdigest())
 
 
 def _collate(batch):
-    kept = [(x, i) for x, i in batch if x is not None]
-    skipped = [i for x, i in batch if x is None]
-    images = torch.stack([x for x, _ in kept]) if kept else None
+    kept = [(x, i, *rest) for x, i, *rest in batch if x is not None]
+    skipped = [i for x, i, *_ in batch if x is None]
+    images = torch.stack([x for x, *_ in kept]) if kept else None
+    if len(batch[0]) == 3:
+        return images, [i for _, i, _ in kept], skipped, [h for *_, h in kept]
     return images, [i for _, i in kept], skipped
 
 
 @torch.inference_mode()
 def extract_features(
     model: nn.Module,
-    paths: Sequence[Path],
+    paths: Sequence[Path] | ImageSource,
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -87,22 +107,28 @@ def extract_features(
     keep_patch: bool = True,
     patch_dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
+    content_hash: bool = False,
 ) -> Features:
-    """Runs ``model.forward_features`` over the images; unreadable files are skipped and listed.
-    ``patch_dtype=torch.float16`` halves the memory of the patch grids of large sets."""
+    """Runs ``model.forward_features`` over the images (files, or the records of an image source, all or
+    those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
+    memory of the patch grids of large sets; ``content_hash`` also digests each image's pixels."""
     device = torch.device(device)
     model = model.to(device).eval()
+    dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, content_hash)
+    name = dataset.paths.__getitem__ if dataset.source is None else dataset.source.path
     loader = DataLoader(
-        _ImageDataset(paths, eval_transform(resolution, mean, std, resize)),
+        dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    cls, pooled, patch, kept, skipped = [], [], [], [], []
+    cls, pooled, patch, kept, skipped, hashes = [], [], [], [], [], []
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
     start = time.perf_counter()
-    for images, indices, bad in tqdm(loader, desc="extract", unit="batch", disable=not progress):
-        skipped += [str(paths[i]) for i in bad]
+    for images, positions, bad, *digests in tqdm(loader, desc="extract", unit="batch", disable=not progress):
+        skipped += [str(name(dataset.indices[i])) for i in bad]
+        hashes += digests[0] if digests else []
         if images is None:
             continue
         with autocast:
@@ -112,11 +138,12 @@ def extract_features(
         cls.append(global_feature(model, out).float().cpu())
         pooled.append(tokens.mean(1).cpu())
         if keep_patch:
-            patch.append(tokens.reshape(len(indices), h, w, -1).to(patch_dtype).cpu())
-        kept += [str(paths[i]) for i in indices]
+            patch.append(tokens.reshape(len(positions), h, w, -1).to(patch_dtype).cpu())
+        kept += [str(name(dataset.indices[i])) for i in positions]
     seconds = time.perf_counter() - start
     if not kept:
-        raise RuntimeError(f"none of the {len(paths)} images could be read (first: {paths[0] if paths else '-'})")
+        first = name(dataset.indices[0]) if len(dataset) else "-"
+        raise RuntimeError(f"none of the {len(dataset)} images could be read (first: {first})")
     return Features(
         cls=torch.cat(cls),
         pooled=torch.cat(pooled),
@@ -124,6 +151,7 @@ def extract_features(
         paths=kept,
         skipped=skipped,
         seconds=seconds,
+        hashes=hashes if content_hash else None,
     )
 
 
