@@ -50,12 +50,10 @@ from PIL import Image
 
 from opendino.data.synthetic import (
     CLASSES,
-    SEG_CLASSES_FILE,
     SPLITS,
-    Scene,
-    render_pair,
     render_scene,
     scene_spec,
+    write_image_folder,
 )
 
 DEFAULT_ZIPF = 1.8  # 10 ** 1.8 = 63: the commonest class is 63x as frequent as the rarest
@@ -248,18 +246,6 @@ def write_skewed_pool(
     return manifest
 
 
-def _save_labelled(stem: Path, scene: Scene, second: Scene | None = None, flow: np.ndarray | None = None) -> None:
-    """The files ``write_image_folder`` writes for one scene (docs/data.md, Labelled folders)."""
-    scene.image.save(f"{stem}.png")
-    Image.fromarray(scene.semantic).save(f"{stem}.seg.png")
-    Image.fromarray(scene.instance).save(f"{stem}.inst.png")
-    Image.fromarray((scene.depth * 1000).astype(np.uint16)).save(f"{stem}.depth.png")
-    Path(f"{stem}.txt").write_text(scene.caption + "\n")
-    if second is not None and flow is not None:
-        second.image.save(f"{stem}.view2.png")
-        np.save(f"{stem}.flow.npy", flow)
-
-
 def write_balanced_eval(
     out: Path, n_per_class: int, *, size: int = 64, seed: int = 0, split: str = "val", pairs: bool = False
 ) -> Path:
@@ -269,18 +255,8 @@ def write_balanced_eval(
     ``split`` with each label. ``opendino.eval.data.open_labelled(out)`` needs both ``train`` and ``val``."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
-    out = Path(out)
-    root = out / split
-    root.mkdir(parents=True, exist_ok=True)
-    (out / SEG_CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
-    for index, scene in select_scenes(dict.fromkeys(range(len(CLASSES)), n_per_class), split, seed, size):
-        second = flow = None
-        if pairs:
-            scene, second, flow = render_pair(index, size, split, seed)
-        folder = root / CLASSES[scene.label]
-        folder.mkdir(parents=True, exist_ok=True)
-        _save_labelled(folder / f"{index:06d}", scene, second, flow)
-    return root
+    wanted = select_scenes(dict.fromkeys(range(len(CLASSES)), n_per_class), split, seed, size)
+    return write_image_folder(out, 0, size, split, seed, pairs, indices=[index for index, _ in wanted])
 
 
 def read_pool(manifest: Path) -> list[dict[str, str]]:

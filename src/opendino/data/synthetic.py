@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -308,16 +309,22 @@ SEG_CLASSES_FILE = "seg_classes.txt"  # beside the splits: the class of each seg
 
 
 def write_image_folder(
-    out: str | Path, n: int, size: int = 128, split: str = "train", seed: int = 0, pairs: bool = False
+    out: str | Path,
+    n: int,
+    size: int = 128,
+    split: str = "train",
+    seed: int = 0,
+    pairs: bool = False,
+    indices: Iterable[int] | None = None,
 ) -> Path:
-    """Writes ``n`` scenes in the labelled-folder layout of docs/data.md: ``out/<split>/<class>/<i>.png``
-    with ``<i>.seg.png``, ``<i>.inst.png``, ``<i>.depth.png`` (uint16, millimetres) and ``<i>.txt`` beside
-    it, ``out/seg_classes.txt`` (the class of each segmentation id), plus ``<i>.view2.png`` and
-    ``<i>.flow.npy`` with ``pairs``."""
+    """Writes ``n`` scenes (or the scenes at ``indices``) in the labelled-folder layout of docs/data.md:
+    ``out/<split>/<class>/<i>.png`` with ``<i>.seg.png``, ``<i>.inst.png``, ``<i>.depth.png`` (uint16,
+    millimetres) and ``<i>.txt`` beside it, ``out/seg_classes.txt`` (the class of each segmentation id),
+    plus ``<i>.view2.png`` and ``<i>.flow.npy`` with ``pairs``."""
     root = Path(out) / split
     root.mkdir(parents=True, exist_ok=True)
     (Path(out) / SEG_CLASSES_FILE).write_text("\n".join(CLASSES) + "\n")
-    for index in range(n):
+    for index in range(n) if indices is None else indices:
         if pairs:
             scene, second, flow = render_pair(index, size, split, seed)
         else:
