@@ -258,6 +258,7 @@ def test_curate_writes_a_selection_and_resumes_after_kill_9_to_the_same_selectio
     assert "broken.png" in " ".join(EmbeddingStore(clean).skipped)
     report = (clean / "report.md").read_text()
     assert "| exact duplicates removed | 6 |" in report and (clean / "clusters.png").stat().st_size > 1000
+    assert len(np.load(clean / "nn_similarity.npy")) == 120 and "nn_similarity.png" in report
     assert (clean / "retrieved.txt").read_text().strip() and (clean / "mix.yaml").exists()
 
     killed = tmp_path / "killed"

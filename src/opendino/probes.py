@@ -15,6 +15,31 @@ IGNORE = 255  # the label of pixels that belong to no class
 
 
 @torch.no_grad()
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    chunk: int = 1024,
+    n_classes: int | None = None,
+) -> dict[int, Tensor]:
+    """The weighted k-NN vote (cosine similarity, softmax weights at ``temperature``) of each test sample,
+    for each ``k`` (capped at the number of training samples)."""
+    train = F.normalize(train_features.float(), dim=-1)
+    test = F.normalize(test_features.float(), dim=-1)
+    n_classes = n_classes or int(train_labels.max()) + 1
+    k_max = min(max(ks), train.shape[0])
+    predicted = {k: [] for k in ks}
+    for start in range(0, test.shape[0], chunk):
+        sims, idx = (test[start : start + chunk] @ train.t()).topk(k_max, dim=1)
+        weights = torch.softmax(sims / temperature, dim=1)
+        votes = F.one_hot(train_labels[idx], n_classes).float() * weights[..., None]  # [n, k, C]
+        for k in ks:
+            predicted[k].append(votes[:, : min(k, k_max)].sum(1).argmax(1))
+    return {k: torch.cat(v) for k, v in predicted.items()}
+
+
 def knn_accuracy(
     train_features: Tensor,
     train_labels: Tensor,
@@ -25,20 +50,9 @@ def knn_accuracy(
     chunk: int = 1024,
 ) -> dict[int, float]:
     """Top-1 accuracy for each ``k`` (capped at the number of training samples)."""
-    train = F.normalize(train_features.float(), dim=-1)
-    test = F.normalize(test_features.float(), dim=-1)
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    k_max = min(max(ks), train.shape[0])
-    correct = {k: 0 for k in ks}
-    for start in range(0, test.shape[0], chunk):
-        sims, idx = (test[start : start + chunk] @ train.t()).topk(k_max, dim=1)
-        weights = torch.softmax(sims / temperature, dim=1)
-        votes = F.one_hot(train_labels[idx], n_classes).float() * weights[..., None]  # [n, k, C]
-        truth = test_labels[start : start + chunk]
-        for k in ks:
-            predicted = votes[:, : min(k, k_max)].sum(1).argmax(1)
-            correct[k] += int((predicted == truth).sum())
-    return {k: correct[k] / test.shape[0] for k in ks}
+    predicted = knn_predict(train_features, train_labels, test_features, ks, temperature, chunk, n_classes)
+    return {k: float((p == test_labels).float().mean()) for k, p in predicted.items()}
 
 
 def mean_iou(predicted: Tensor, target: Tensor, n_classes: int) -> dict[str, float]:

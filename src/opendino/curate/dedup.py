@@ -19,6 +19,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from opendino.curate.embed import EmbeddingStore
+from opendino.curate.retrieval import nearest_in_pool
 
 
 @dataclasses.dataclass
@@ -27,6 +28,7 @@ class Dedup:
     group: np.ndarray  # int [N]: the row each row's group kept (itself if kept)
     exact: int  # rows removed as exact copies
     near: int  # further rows removed as near-duplicates
+    distinct: np.ndarray  # bool [N]: rows that survive the exact copies alone
 
     @property
     def removed(self) -> int:
@@ -65,7 +67,7 @@ def deduplicate(store: EmbeddingStore, threshold: float | None, k: int = 16, pro
     _, exact_labels = np.unique(np.asarray(store.hashes), return_inverse=True)
     group = _first_of_group(exact_labels.reshape(-1))
     keep = group == np.arange(n)
-    exact = int(n - keep.sum())
+    distinct, exact = keep.copy(), int(n - keep.sum())
     if threshold is not None and keep.sum() > 1:
         rows = np.nonzero(keep)[0]
         i, j = near_duplicate_pairs(store, rows, threshold, k, progress=progress)
@@ -75,4 +77,16 @@ def deduplicate(store: EmbeddingStore, threshold: float | None, k: int = 16, pro
         group[rows] = first
         group = group[group]  # exact copies follow their representative into its near-duplicate group
         keep = group == np.arange(n)
-    return Dedup(keep=keep, group=group, exact=exact, near=int(n - keep.sum()) - exact)
+    return Dedup(keep=keep, group=group, exact=exact, near=int(n - keep.sum()) - exact, distinct=distinct)
+
+
+def nearest_neighbour_similarities(
+    store: EmbeddingStore, rows: np.ndarray, sample: int = 2000, seed: int = 0, progress: bool = True
+) -> np.ndarray:
+    """The cosine similarity of up to ``sample`` images (drawn uniformly from ``rows``) to their nearest
+    other image among ``rows``: its histogram shows where copies end and distinct images begin, which is
+    how to choose ``--dedup`` for an embedder."""
+    picked = np.sort(np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False))
+    sims, found = nearest_in_pool(store, rows, store.take(rows[picked]), 2, progress=progress)
+    own = found == picked[:, None]  # the image itself (or an identical vector ranked first)
+    return np.where(own[:, 0], sims[:, 1], sims[:, 0])

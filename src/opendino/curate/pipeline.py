@@ -24,13 +24,14 @@ import torch
 import torch.distributed as dist
 
 from opendino.config import ConfigError
-from opendino.curate.dedup import deduplicate
+from opendino.curate.dedup import deduplicate, nearest_neighbour_similarities
 from opendino.curate.embed import EMBEDDINGS, EmbeddingStore, embed_pool
 from opendino.curate.kmeans import Points, default_sample_sizes, hierarchical_kmeans
 from opendino.curate.retrieval import nearest_in_pool
 from opendino.curate.sampling import STRATEGIES, balanced_sample
 
 SETTINGS_FILE = "curate.json"
+NN_HISTOGRAM_MAX_POOL = 2_000_000  # the report's nearest-neighbour similarity histogram up to this size
 STAGES = ("embed", "dedup", "kmeans", "sample", "retrieve", "mix")
 # The settings each stage's result depends on (beside those of the stages before it).
 STAGE_SETTINGS = {
@@ -266,6 +267,10 @@ def run_curation(config: CurateConfig) -> dict:
             lines.append(f"{store.paths[result.group[row]]},{store.paths[row]},{kind}")
         _write_list(out / "duplicates.csv", lines)
         (out / "dedup.json").write_text(json.dumps({"exact": result.exact, "near": result.near}))
+        distinct = np.nonzero(result.distinct)[0]
+        if 1 < len(distinct) <= NN_HISTOGRAM_MAX_POOL:  # a sample against the whole pool: cheap up to here
+            sims = nearest_neighbour_similarities(store, distinct, progress=config.progress)
+            np.save(out / "nn_similarity.npy", sims)
         stages.finish("dedup")
     _barrier()
     keep_rows = np.nonzero(np.load(out / "keep.npy"))[0]
@@ -341,7 +346,7 @@ def run_curation(config: CurateConfig) -> dict:
         stages.finish("mix")
     from opendino.curate.report import write_report
 
-    write_report(out, counts, source, store, keep_rows, clustered)
+    write_report(out, counts, source, store, keep_rows, clustered, config.dedup)
     return counts
 
 

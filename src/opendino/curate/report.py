@@ -34,6 +34,19 @@ def _histogram(out: Path, sizes: np.ndarray, picked: np.ndarray) -> None:
     plt.close(fig)
 
 
+def _similarity_histogram(out: Path, sims: np.ndarray, threshold: float | None) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.0))
+    ax.hist(sims, bins=60, color="tab:blue", alpha=0.8)
+    if threshold is not None:
+        ax.axvline(threshold, color="tab:red", lw=1.2, label=f"--dedup {threshold}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("cosine similarity to the nearest other image (a sample, exact copies removed)")
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def _contact_sheet(out: Path, source: ImageSource, rows: list[list[int]], titles: list[str]) -> None:
     width = max(len(r) for r in rows)
     sheet = Image.new("RGB", (width * THUMB, len(rows) * THUMB), "white")
@@ -53,7 +66,13 @@ def _contact_sheet(out: Path, source: ImageSource, rows: list[list[int]], titles
 
 
 def write_report(
-    out: Path, counts: dict, source: ImageSource, store: EmbeddingStore, keep_rows: np.ndarray, clustered: list[str]
+    out: Path,
+    counts: dict,
+    source: ImageSource,
+    store: EmbeddingStore,
+    keep_rows: np.ndarray,
+    clustered: list[str],
+    threshold: float | None = None,
 ) -> Path:
     lines = [
         "# Curation report",
@@ -71,6 +90,17 @@ def write_report(
         f"| selection.txt | {counts['selection']} |",
         "",
     ]
+    if (out / "nn_similarity.npy").exists():
+        sims = np.load(out / "nn_similarity.npy")
+        _similarity_histogram(out / "nn_similarity.png", sims, threshold)
+        above = "" if threshold is None else f"; {(sims > threshold).mean():.1%} above --dedup {threshold}"
+        lines += [
+            f"Nearest-neighbour similarity of {len(sims)} sampled images (median {np.median(sims):.3f}{above}): "
+            "copies pile up near 1, distinct images lower; a good --dedup lies in the gap.",
+            "",
+            "![nearest-neighbour similarity](nn_similarity.png)",
+            "",
+        ]
     level_file = out / "kmeans" / "level1.npz"
     if clustered and level_file.exists():
         level = np.load(level_file)
