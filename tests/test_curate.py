@@ -21,7 +21,7 @@ from PIL import Image
 from opendino.cli import main
 from opendino.curate.dedup import deduplicate
 from opendino.curate.embed import EMBEDDINGS, EmbeddingStore
-from opendino.curate.kmeans import Points, hierarchical_kmeans, kmeans_plus_plus
+from opendino.curate.kmeans import Points, hierarchical_kmeans, kmeans, kmeans_plus_plus, nearest_centroid
 from opendino.curate.retrieval import nearest_in_pool
 from opendino.curate.sampling import balanced_sample, water_fill
 
@@ -147,6 +147,21 @@ def test_kmeans_plus_plus_and_levels_recover_separated_blobs(tmp_path):
     again = hierarchical_kmeans(Points.in_memory(x), [6, 2], steps=[3, 2], sample_sizes=[10, 1], folder=tmp_path)
     for a, b in zip(first, again, strict=True):
         assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.labels, b.labels)
+
+
+def test_nearest_centroid_on_a_torch_device_matches_faiss():
+    x, _ = _blobs(n_per=40, k=5, dim=12, seed=4)
+    centroids = x[::37].copy()
+    d_faiss, i_faiss = nearest_centroid(x, centroids)
+    d_torch, i_torch = nearest_centroid(x, centroids, device="cpu")
+    assert np.array_equal(i_faiss, i_torch) and np.allclose(d_faiss, d_torch, atol=1e-3)
+    exact = ((x[:, None] - centroids[None]) ** 2).sum(-1)
+    assert np.array_equal(i_faiss, exact.argmin(1))
+    big = kmeans(Points.in_memory(x), 7, 3, np.random.default_rng(0))  # the uniform seeding above the limit
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("opendino.curate.kmeans.KMEANS_PP_MAX_K", 4)
+        uniform = kmeans(Points.in_memory(x), 7, 3, np.random.default_rng(0))
+    assert big.shape == uniform.shape == (7, 12) and not np.allclose(big, uniform)
 
 
 def _kmeans_rank(rank: int, world: int, port: int, x: np.ndarray, out: str) -> None:

@@ -9,8 +9,9 @@ a cluster left empty keeps its centroid. Distances are squared L2 (on the unit e
 
 Scale: the points of level 1 stay memory-mapped and are read in chunks, so memory is the chunk plus
 O(k·d). k-means++ seeds from a uniform sample of at most ``INIT_SAMPLE_PER_CLUSTER · k`` points (all of
-them at the upper levels and in the resampled runs, which are small). Nearest-centroid search is faiss's
-exact L2 ``knn``.
+them at the upper levels and in the resampled runs, which are small), and above ``KMEANS_PP_MAX_K``
+clusters from ``k`` uniform points. Nearest-centroid search is faiss's exact L2 ``knn`` on the CPU, or the
+same distance as one matrix product on a torch device (a GPU).
 
 Several ranks (``torch.distributed``, any backend that sums float64: gloo on CPUs): each rank holds a
 contiguous share of level 1's points; centroid sums and counts are all-reduced, the k-means++ sample and
@@ -32,6 +33,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 INIT_SAMPLE_PER_CLUSTER = 64
+# k-means++ costs O(k^2 · INIT_SAMPLE_PER_CLUSTER · d): above this many clusters the seeds are a uniform
+# sample of the points instead (faiss's own initialisation).
+KMEANS_PP_MAX_K = 16384
 CHUNK_ELEMENTS = 2**25  # distances per assignment chunk (rows x clusters): 128 MiB of float32
 
 
@@ -43,16 +47,24 @@ class Points:
     """The points one level clusters: global positions ``[0, n)``, of which this rank holds ``[lo, hi)``
     (all of them unless ``sharded``), read as float32 through ``take(positions)``."""
 
-    def __init__(self, n: int, dim: int, take: Callable[[np.ndarray], np.ndarray], sharded: bool = False) -> None:
+    def __init__(
+        self,
+        n: int,
+        dim: int,
+        take: Callable[[np.ndarray], np.ndarray],
+        sharded: bool = False,
+        device: str = "faiss",
+    ) -> None:
         self.n, self.dim, self.take = n, dim, take
+        self.device = device  # "faiss": faiss on the CPU; else the torch device nearest-centroid search runs on
         self.sharded = sharded and _distributed()
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.sharded else (0, 1)
         self.lo, self.hi = n * rank // world, n * (rank + 1) // world
 
     @classmethod
-    def in_memory(cls, x: np.ndarray) -> Points:
+    def in_memory(cls, x: np.ndarray, device: str = "faiss") -> Points:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return cls(len(x), x.shape[1], lambda positions: x[positions])
+        return cls(len(x), x.shape[1], lambda positions: x[positions], device=device)
 
     def chunks(self, rows: int):
         for a in range(self.lo, self.hi, rows):
@@ -82,14 +94,26 @@ def _chunk_rows(k: int) -> int:
     return max(256, CHUNK_ELEMENTS // max(k, 1))
 
 
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, device: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
+    """Squared L2 distance to the nearest centroid and its index, with faiss (exact) or on a torch device
+    (``||x||^2 - 2 x·c + ||c||^2``, one matrix product, as faiss computes it)."""
+    if device == "faiss":
+        d, i = faiss.knn(np.ascontiguousarray(x), centroids, 1)
+        return d[:, 0], i[:, 0]
+    xt, ct = torch.from_numpy(x).to(device), torch.from_numpy(centroids).to(device)
+    d = (xt * xt).sum(1, keepdim=True) - 2.0 * xt @ ct.T + (ct * ct).sum(1)[None]
+    best, index = d.min(1)
+    return best.clamp_min(0).cpu().numpy(), index.cpu().numpy()
+
+
 def assign(points: Points, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid and its squared L2 distance for this rank's points."""
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     labels, dists = [], []
     for _, x in points.chunks(_chunk_rows(len(centroids))):
-        d, i = faiss.knn(np.ascontiguousarray(x), centroids, 1)
-        labels.append(i[:, 0])
-        dists.append(d[:, 0])
+        d, i = nearest_centroid(x, centroids, points.device)
+        labels.append(i)
+        dists.append(d)
     if not labels:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(labels), np.concatenate(dists)
@@ -125,8 +149,8 @@ def lloyd(points: Points, centroids: np.ndarray, iterations: int, progress: bool
         sums = torch.zeros(k, points.dim, dtype=torch.float64)
         counts = torch.zeros(k, dtype=torch.float64)
         for _, x in points.chunks(_chunk_rows(k)):
-            _, nearest = faiss.knn(np.ascontiguousarray(x), centroids, 1)
-            index = torch.from_numpy(nearest[:, 0])
+            _, nearest = nearest_centroid(x, centroids, points.device)
+            index = torch.from_numpy(nearest)
             sums.index_add_(0, index, torch.from_numpy(x).double())
             counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
         if points.sharded:
@@ -138,7 +162,11 @@ def lloyd(points: Points, centroids: np.ndarray, iterations: int, progress: bool
 
 
 def kmeans(points: Points, k: int, iterations: int, rng: np.random.Generator, progress: bool = False) -> np.ndarray:
-    """k-means++ seeding (on a uniform sample of at most ``INIT_SAMPLE_PER_CLUSTER · k`` points), then Lloyd."""
+    """k-means++ seeding (on a uniform sample of at most ``INIT_SAMPLE_PER_CLUSTER · k`` points; above
+    ``KMEANS_PP_MAX_K`` clusters: ``k`` points drawn uniformly), then Lloyd."""
+    if k > KMEANS_PP_MAX_K:
+        seeds = points.gather(np.sort(rng.choice(points.n, k, replace=False)))
+        return lloyd(points, seeds, iterations, progress)
     m = min(points.n, INIT_SAMPLE_PER_CLUSTER * k)
     sample = np.arange(points.n) if m == points.n else np.sort(rng.choice(points.n, m, replace=False))
     seeds = kmeans_plus_plus(points.gather(sample), k, rng)
@@ -201,7 +229,7 @@ def cluster_level(
             centroids = kmeans(points, k, iterations, rng, progress)
         else:
             samples = closest_per_cluster(points, labels, dists, sample_size)
-            centroids = kmeans(Points.in_memory(points.gather(samples)), k, iterations, rng)
+            centroids = kmeans(Points.in_memory(points.gather(samples), points.device), k, iterations, rng)
         labels, dists = assign(points, centroids)
         if checkpoint is not None and (not _distributed() or dist.get_rank() == 0):
             tmp = checkpoint.with_name(f"{checkpoint.name}_step{step:03d}.tmp.npy")
@@ -241,7 +269,7 @@ def hierarchical_kmeans(
                 progress=progress,
             )
         )
-        points = Points.in_memory(levels[-1].centroids)
+        points = Points.in_memory(levels[-1].centroids, level1.device)
     return levels
 
 

@@ -291,7 +291,8 @@ def run_curation(config: CurateConfig) -> dict:
         _barrier()
         sample_sizes = config.sample_sizes or default_sample_sizes(len(keep_rows), levels)
         steps = config.steps or [10 if s > 1 else 1 for s in sample_sizes]
-        points = Points(len(keep_rows), store.dim, lambda pos: store.take(keep_rows[pos]), sharded=True)
+        search = "faiss" if config.device == "cpu" else config.device  # on a GPU: torch's matrix product
+        points = Points(len(keep_rows), store.dim, lambda pos: store.take(keep_rows[pos]), sharded=True, device=search)
         tree = hierarchical_kmeans(
             points,
             levels,
