@@ -20,6 +20,7 @@ from PIL import Image
 
 from opendino.cli import main
 from opendino.curate.dedup import deduplicate
+from opendino.curate.descriptors import THUMBNAIL_SIDE, copy_descriptors, thumbnail_descriptor
 from opendino.curate.embed import EMBEDDINGS, EmbeddingStore
 from opendino.curate.kmeans import Points, hierarchical_kmeans, kmeans, kmeans_plus_plus, nearest_centroid
 from opendino.curate.retrieval import nearest_in_pool
@@ -31,11 +32,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _write_store(folder: Path, vectors: np.ndarray, hashes: list[str], shard: int = 64) -> EmbeddingStore:
-    """An embedded pool as the embed stage writes it, from given vectors (several shards)."""
+    """An embedded pool as the embed stage writes it, from given vectors (several shards); the thumbnails
+    are the same vectors, zero-padded (the same cosines)."""
     (folder / EMBEDDINGS).mkdir(parents=True)
+    thumbs = np.zeros((len(vectors), THUMBNAIL_SIDE**2), dtype=np.float32)
+    thumbs[:, : vectors.shape[1]] = vectors
     for i, start in enumerate(range(0, len(vectors), shard)):
         rows = list(range(start, min(start + shard, len(vectors))))
         np.save(folder / EMBEDDINGS / f"{i:05d}.npy", vectors[rows].astype(np.float16))
+        np.save(folder / EMBEDDINGS / f"{i:05d}.thumb.npy", thumbs[rows].astype(np.float16))
         meta = {"records": rows, "paths": [f"img{r}.png" for r in rows], "hashes": [hashes[r] for r in rows]}
         (folder / EMBEDDINGS / f"{i:05d}.json").write_text(json.dumps({**meta, "skipped": []}))
     return EmbeddingStore(folder)
@@ -98,11 +103,38 @@ def test_dedup_removes_planted_exact_and_near_duplicates_and_keeps_one_per_group
     store = _write_store(tmp_path, vectors, hashes)
     exact_only = deduplicate(store, None, progress=False)
     assert exact_only.exact == 10 and exact_only.near == 0 and exact_only.keep[:115].all() and exact_only.keep[125]
+    assert deduplicate(store, 0.95, k=8, descriptor="embedding", progress=False).near == 16
     result = deduplicate(store, 0.95, k=8, progress=False)
     assert result.exact == 10 and result.near == 16
     assert result.keep[:100].all() and not result.keep[100:].any()
     assert (result.group[100:115] == near_of).all() and (result.group[115:125] == exact_of).all()
     assert result.group[125] == near_of[0]
+
+
+def test_the_thumbnail_descriptor_tells_copies_from_other_scenes_of_the_same_class():
+    import io
+
+    from opendino.data.sources import decode_image
+    from opendino.data.synthetic import render_scene
+
+    scenes = [render_scene(i, 64) for i in range(40)]
+    first = scenes[0]
+    others = [s for s in scenes[1:] if s.label == first.label]
+    assert others
+    buffer = io.BytesIO()
+    first.image.save(buffer, format="JPEG", quality=70)
+    original = torch.from_numpy(np.array(first.image)).permute(2, 0, 1)
+    copies = [decode_image(buffer.getvalue()), torch.roll(original, 2, dims=2)]
+    d = thumbnail_descriptor(original).astype(np.float32)
+    assert abs(np.linalg.norm(d) - 1) < 1e-2
+    copy_sims = [float(d @ thumbnail_descriptor(c).astype(np.float32)) for c in copies]
+    other_sims = [
+        float(d @ thumbnail_descriptor(torch.from_numpy(np.array(o.image)).permute(2, 0, 1)).astype(np.float32))
+        for o in others
+    ]
+    assert min(copy_sims) > 0.9 > max(other_sims)
+    digest, _ = copy_descriptors(original)
+    assert digest == copy_descriptors(original.clone())[0] != copy_descriptors(copies[1])[0]
 
 
 def test_retrieval_finds_planted_neighbours_across_chunks(tmp_path):

@@ -313,6 +313,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
         multiplier=args.multiplier,
         dedup=args.dedup,
         dedup_k=args.dedup_k,
+        dedup_on=args.dedup_on,
         seed_set=args.seed_set,
         per_seed=args.per_seed,
         mix=args.mix,
@@ -533,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dedup", type=float, default=None, help="near-duplicate cosine threshold, e.g. 0.95 (exact copies always go)"
     )
     p.add_argument("--dedup-k", type=int, default=16, help="neighbours searched per image for near-duplicates")
+    p.add_argument(
+        "--dedup-on",
+        choices=("thumbnail", "embedding"),
+        default="thumbnail",
+        help="near-duplicate descriptor: a 16x16 grey thumbnail (copy detection; default) or the embedding",
+    )
     p.add_argument("--seed-set", help="folder or list of seed images: retrieve their nearest pool images")
     p.add_argument("--per-seed", type=int, default=4, help="neighbours retrieved per seed image (default: 4)")
     p.add_argument(

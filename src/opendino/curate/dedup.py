@@ -1,11 +1,12 @@
 """Stage 2 of curation: exact and near-duplicate removal, one image kept per group.
 
-Exact duplicates share the digest of their decoded pixels. Near-duplicates are pairs whose embeddings'
+Exact duplicates share the digest of their decoded pixels. Near-duplicates are pairs whose descriptors'
 cosine similarity is above a threshold among each image's ``k`` nearest neighbours (faiss, exact inner
-product, in chunks of queries); the pairs form a graph whose connected components are the duplicate groups
-(as DINOv2 does with its copy-detection embeddings), and the first image of each group in pool order is
-kept. A group can thus chain images that are not all similar to each other, which is the point: a series
-of re-encoded copies of copies goes as one.
+product, in chunks of queries). The descriptor is the copy-detection thumbnail by default
+(``opendino.curate.descriptors``) or the curation embedding. The pairs form a graph whose connected
+components are the duplicate groups (as DINOv2 does with its copy-detection embeddings), and the first
+image of each group in pool order is kept. A group can thus chain images that are not all similar to each
+other, which is the point: a series of re-encoded copies of copies goes as one.
 """
 
 from __future__ import annotations
@@ -42,18 +43,28 @@ def _first_of_group(labels: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
+DESCRIPTORS = ("thumbnail", "embedding")
+
+
 def near_duplicate_pairs(
-    store: EmbeddingStore, rows: np.ndarray, threshold: float, k: int = 16, chunk: int = 8192, progress: bool = True
+    store: EmbeddingStore,
+    rows: np.ndarray,
+    threshold: float,
+    k: int = 16,
+    chunk: int = 8192,
+    descriptor: str = "thumbnail",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)`` of positions in ``rows`` (``i != j``) with cosine similarity above ``threshold``
-    among the ``k`` nearest neighbours of each."""
-    index = faiss.IndexFlatIP(store.dim)
+    """Pairs ``(i, j)`` of positions in ``rows`` (``i != j``) whose descriptors' cosine similarity is above
+    ``threshold`` among the ``k`` nearest neighbours of each."""
+    take = lambda r: store.take(r, descriptor)  # noqa: E731
+    index = faiss.IndexFlatIP(take(rows[:1]).shape[1])
     for start in range(0, len(rows), chunk):
-        index.add(store.take(rows[start : start + chunk]))
+        index.add(take(rows[start : start + chunk]))
     k = min(k + 1, len(rows))  # every image is its own nearest neighbour
     left, right = [], []
     for start in tqdm(range(0, len(rows), chunk), desc="dedup", unit="chunk", disable=not progress):
-        sims, neighbours = index.search(store.take(rows[start : start + chunk]), k)
+        sims, neighbours = index.search(take(rows[start : start + chunk]), k)
         query = np.arange(start, start + len(sims))[:, None].repeat(k, 1)
         hit = (sims > threshold) & (neighbours != query) & (neighbours >= 0)
         left.append(query[hit])
@@ -61,7 +72,13 @@ def near_duplicate_pairs(
     return np.concatenate(left), np.concatenate(right)
 
 
-def deduplicate(store: EmbeddingStore, threshold: float | None, k: int = 16, progress: bool = True) -> Dedup:
+def deduplicate(
+    store: EmbeddingStore,
+    threshold: float | None,
+    k: int = 16,
+    descriptor: str = "thumbnail",
+    progress: bool = True,
+) -> Dedup:
     """Exact copies (same pixels) first, then, with a ``threshold``, near-duplicates among the rest."""
     n = len(store)
     _, exact_labels = np.unique(np.asarray(store.hashes), return_inverse=True)
@@ -70,7 +87,7 @@ def deduplicate(store: EmbeddingStore, threshold: float | None, k: int = 16, pro
     distinct, exact = keep.copy(), int(n - keep.sum())
     if threshold is not None and keep.sum() > 1:
         rows = np.nonzero(keep)[0]
-        i, j = near_duplicate_pairs(store, rows, threshold, k, progress=progress)
+        i, j = near_duplicate_pairs(store, rows, threshold, k, descriptor=descriptor, progress=progress)
         graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(len(rows), len(rows)))
         _, labels = connected_components(graph, directed=False)
         first = rows[_first_of_group(labels)]
@@ -81,12 +98,18 @@ def deduplicate(store: EmbeddingStore, threshold: float | None, k: int = 16, pro
 
 
 def nearest_neighbour_similarities(
-    store: EmbeddingStore, rows: np.ndarray, sample: int = 2000, seed: int = 0, progress: bool = True
+    store: EmbeddingStore,
+    rows: np.ndarray,
+    sample: int = 2000,
+    seed: int = 0,
+    descriptor: str = "thumbnail",
+    progress: bool = True,
 ) -> np.ndarray:
     """The cosine similarity of up to ``sample`` images (drawn uniformly from ``rows``) to their nearest
     other image among ``rows``: its histogram shows where copies end and distinct images begin, which is
     how to choose ``--dedup`` for an embedder."""
     picked = np.sort(np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False))
-    sims, found = nearest_in_pool(store, rows, store.take(rows[picked]), 2, progress=progress)
+    queries = store.take(rows[picked], descriptor)
+    sims, found = nearest_in_pool(store, rows, queries, 2, descriptor=descriptor, progress=progress)
     own = found == picked[:, None]  # the image itself (or an identical vector ranked first)
     return np.where(own[:, 0], sims[:, 1], sims[:, 0])

@@ -3,6 +3,7 @@
 The pool (any image source) is cut into chunks of ``chunk`` records; chunk ``i`` becomes
 ``embeddings/{i:05d}.npy`` (``[n_i, D]`` float16, L2-normalised global features: every later stage
 compares images by cosine, and the hierarchical k-means' squared L2 on unit vectors is ``2 - 2 cos``)
+``embeddings/{i:05d}.thumb.npy`` (the rows' copy-detection thumbnails, ``opendino.curate.descriptors``)
 and ``embeddings/{i:05d}.json`` (the record index, path and pixel digest of each kept row, the unreadable
 paths). Both are written to temporary names and renamed, the json last, so a killed run loses at most the
 chunk it was on; a chunk whose json exists is done. Extraction is ``opendino extract``'s code path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from opendino.curate.descriptors import THUMBNAIL_SIDE, copy_descriptors
 from opendino.data.sources import ImageSource
 from opendino.eval.features import extract_features
 
@@ -72,20 +74,23 @@ def embed_pool(
                 num_workers=num_workers,
                 keep_patch=False,
                 progress=progress,
-                content_hash=True,
+                describe=copy_descriptors,
             )
             vectors = torch.nn.functional.normalize(feats.cls.float(), dim=-1).half().numpy()
+            thumbs = np.stack([t for _, t in feats.descriptions])
             readable = set(feats.paths)
             kept = [q for q in indices if source.path(q) in readable]
         except RuntimeError as e:  # a chunk with no readable image at all
             if "could be read" not in str(e):
                 raise
             vectors, feats, kept = np.zeros((0, 0), np.float16), None, []
+            thumbs = np.zeros((0, THUMBNAIL_SIDE**2), np.float16)
         _write_atomic(folder / f"{i:05d}.npy", lambda p, v=vectors: np.save(p.open("wb"), v))
+        _write_atomic(folder / f"{i:05d}.thumb.npy", lambda p, v=thumbs: np.save(p.open("wb"), v))
         meta = {
             "records": kept,
             "paths": [source.path(q) for q in kept],
-            "hashes": feats.hashes if feats is not None else [],
+            "hashes": [h for h, _ in feats.descriptions] if feats is not None else [],
             "skipped": feats.skipped if feats is not None else [source.path(q) for q in indices],
         }
         _write_atomic(folder / f"{i:05d}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
@@ -101,6 +106,7 @@ class EmbeddingStore:
         if not metas:
             raise FileNotFoundError(f"{folder}: no embedded chunks (run the embed stage first)")
         self.shards = [np.load(m.with_suffix(".npy"), mmap_mode="r") for m in metas]
+        self.thumb_shards = [np.load(m.with_suffix(".thumb.npy"), mmap_mode="r") for m in metas]
         self.paths, self.records, self.hashes, self.skipped = [], [], [], []
         for m in metas:
             meta = json.loads(m.read_text())
@@ -114,12 +120,15 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 ``[len(rows), D]`` of the given rows (sorted or not), read shard by shard."""
+    def take(self, rows: np.ndarray, descriptor: str = "embedding") -> np.ndarray:
+        """float32 ``[len(rows), D]`` of the given rows (sorted or not), read shard by shard: the embeddings,
+        or with ``descriptor="thumbnail"`` the copy-detection thumbnails."""
+        shards = self.shards if descriptor == "embedding" else self.thumb_shards
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        dim = self.dim if descriptor == "embedding" else THUMBNAIL_SIDE**2
+        out = np.empty((len(rows), dim), dtype=np.float32)
         shard_of = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(shard_of).tolist():
             where = np.nonzero(shard_of == s)[0]
-            out[where] = self.shards[s][rows[where] - self.starts[s]]
+            out[where] = shards[s][rows[where] - self.starts[s]]
         return out

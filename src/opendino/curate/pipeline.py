@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from opendino.config import ConfigError
-from opendino.curate.dedup import deduplicate, nearest_neighbour_similarities
+from opendino.curate.dedup import DESCRIPTORS, deduplicate, nearest_neighbour_similarities
 from opendino.curate.embed import EMBEDDINGS, EmbeddingStore, embed_pool
 from opendino.curate.kmeans import Points, default_sample_sizes, hierarchical_kmeans
 from opendino.curate.retrieval import nearest_in_pool
@@ -36,7 +36,7 @@ STAGES = ("embed", "dedup", "kmeans", "sample", "retrieve", "mix")
 # The settings each stage's result depends on (beside those of the stages before it).
 STAGE_SETTINGS = {
     "embed": ("pool", "backbone", "resolution", "chunk", "dtype"),
-    "dedup": ("dedup", "dedup_k"),
+    "dedup": ("dedup", "dedup_k", "dedup_on"),
     "kmeans": ("levels", "steps", "sample_sizes", "iterations", "seed"),
     "sample": ("size", "strategy", "multiplier"),
     "retrieve": ("seed_set", "per_seed"),
@@ -58,6 +58,7 @@ class CurateConfig:
     multiplier: int = 1  # the most times one image may be picked
     dedup: float | None = None  # near-duplicate cosine threshold (exact copies always go)
     dedup_k: int = 16  # neighbours searched per image for near-duplicates
+    dedup_on: str = "thumbnail"  # the near-duplicate descriptor: thumbnail | embedding
     seed_set: str | None = None  # a folder (or list) of seed images to retrieve around
     per_seed: int = 4  # neighbours retrieved per seed image
     mix: list[str] = dataclasses.field(default_factory=list)  # NAME[=PATH]:WEIGHT entries of mix.yaml
@@ -85,6 +86,8 @@ class CurateConfig:
             values = getattr(self, name)
             if values and (len(values) != len(self.levels) or min(values) < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {values}: one positive value per level of --levels")
+        if self.dedup_on not in DESCRIPTORS:
+            raise ConfigError(f"--dedup-on {self.dedup_on}; valid: {', '.join(DESCRIPTORS)}")
         if self.dedup is not None and not -1.0 <= self.dedup <= 1.0:
             raise ConfigError(f"--dedup {self.dedup}: a cosine similarity in [-1, 1]")
         if not Path(self.pool).exists() and not any(c in self.pool for c in "*?["):
@@ -259,7 +262,7 @@ def run_curation(config: CurateConfig) -> dict:
     counts = {"pool": len(source), "unreadable": len(store.skipped), "embedded": len(store)}
 
     if _is_main() and not stages.is_done("dedup"):
-        result = deduplicate(store, config.dedup, config.dedup_k, progress=config.progress)
+        result = deduplicate(store, config.dedup, config.dedup_k, config.dedup_on, progress=config.progress)
         np.save(out / "keep.npy", result.keep)
         lines = ["kept,removed,kind"]
         for row in np.nonzero(~result.keep)[0]:
@@ -269,7 +272,7 @@ def run_curation(config: CurateConfig) -> dict:
         (out / "dedup.json").write_text(json.dumps({"exact": result.exact, "near": result.near}))
         distinct = np.nonzero(result.distinct)[0]
         if 1 < len(distinct) <= NN_HISTOGRAM_MAX_POOL:  # a sample against the whole pool: cheap up to here
-            sims = nearest_neighbour_similarities(store, distinct, progress=config.progress)
+            sims = nearest_neighbour_similarities(store, distinct, descriptor=config.dedup_on, progress=config.progress)
             np.save(out / "nn_similarity.npy", sims)
         stages.finish("dedup")
     _barrier()

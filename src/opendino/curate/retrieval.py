@@ -17,16 +17,17 @@ def nearest_in_pool(
     queries: np.ndarray,
     k: int,
     chunk: int = 65536,
+    descriptor: str = "embedding",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Similarities and positions (into ``rows``) ``[Q, k]`` of each query's ``k`` nearest pool rows,
-    best first."""
+    best first (by the embeddings, or another descriptor of the store)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(rows))
     best_sim = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_pos = np.full((len(queries), k), -1, dtype=np.int64)
     for start in tqdm(range(0, len(rows), chunk), desc="retrieve", unit="chunk", disable=not progress):
-        block = store.take(rows[start : start + chunk])
+        block = store.take(rows[start : start + chunk], descriptor)
         sims, found = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
         sim = np.concatenate([best_sim, sims], 1)
         pos = np.concatenate([best_pos, found + start], 1)

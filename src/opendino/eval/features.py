@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ class Features:
     paths: list[str]
     skipped: list[str]
     seconds: float
-    hashes: list[str] | None = None  # with ``content_hash``: a digest of each kept image's decoded pixels
+    descriptions: list | None = None  # with ``describe``: its value for each kept image's decoded pixels
 
     @property
     def images_per_second(self) -> float:
@@ -61,12 +61,12 @@ class _ImageDataset(Dataset):
         paths: Sequence[Path] | ImageSource,
         transform,
         indices: Sequence[int] | None = None,
-        content_hash: bool = False,
+        describe: Callable[[Tensor], object] | None = None,
     ) -> None:
         self.source = paths if isinstance(paths, ImageSource) else None
         self.paths = None if self.source is not None else list(paths)
         self.indices = list(range(len(paths))) if indices is None else list(indices)
-        self.transform, self.content_hash = transform, content_hash
+        self.transform, self.describe = transform, describe
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -75,11 +75,9 @@ class _ImageDataset(Dataset):
         index = self.indices[i]
         img = decode_image(self.paths[index]) if self.source is None else self.source.load(index)
         out = (None if img is None else self.transform(img)), i
-        if not self.content_hash:
+        if self.describe is None:
             return out
-        # The decoded pixels, not the file bytes: a lossless re-save of the same image is the same image.
-        digest = "" if img is None else hashlib.sha1(str(tuple(img.shape)).encode() + img.numpy().tobytes())
-        return (*out, digest and digest.hexdigest())
+        return (*out, None if img is None else self.describe(img))
 
 
 def _collate(batch):
@@ -108,14 +106,15 @@ def extract_features(
     patch_dtype: torch.dtype = torch.float32,
     progress: bool = True,
     indices: Sequence[int] | None = None,
-    content_hash: bool = False,
+    describe: Callable[[Tensor], object] | None = None,
 ) -> Features:
     """Runs ``model.forward_features`` over the images (files, or the records of an image source, all or
-    those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
-    memory of the patch grids of large sets; ``content_hash`` also digests each image's pixels."""
+        those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
+        memory of the patch grids of large sets; ``describe`` (a picklable function of the decoded uint8 image,
+    run where it is decoded) adds its value for each image."""
     device = torch.device(device)
     model = model.to(device).eval()
-    dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, content_hash)
+    dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, describe)
     name = dataset.paths.__getitem__ if dataset.source is None else dataset.source.path
     loader = DataLoader(
         dataset,
@@ -123,12 +122,12 @@ def extract_features(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    cls, pooled, patch, kept, skipped, hashes = [], [], [], [], [], []
+    cls, pooled, patch, kept, skipped, descriptions = [], [], [], [], [], []
     autocast = torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32")
     start = time.perf_counter()
-    for images, positions, bad, *digests in tqdm(loader, desc="extract", unit="batch", disable=not progress):
+    for images, positions, bad, *described in tqdm(loader, desc="extract", unit="batch", disable=not progress):
         skipped += [str(name(dataset.indices[i])) for i in bad]
-        hashes += digests[0] if digests else []
+        descriptions += described[0] if described else []
         if images is None:
             continue
         with autocast:
@@ -151,7 +150,7 @@ def extract_features(
         paths=kept,
         skipped=skipped,
         seconds=seconds,
-        hashes=hashes if content_hash else None,
+        descriptions=descriptions if describe is not None else None,
     )
 
 
