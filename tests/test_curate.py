@@ -340,3 +340,17 @@ def test_curate_errors_are_clear(pool, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main([*args[:3], str(tmp_path / "full"), *args[4:]]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_curate_under_torchrun_shares_the_embedding_and_the_k_means(pool, tmp_path):
+    """2 gloo ranks: each embeds its chunks, both hold a share of level 1, rank 0 writes the rest; every
+    rank exits 0 without interpreter teardown (tests/abort_at_exit.py)."""
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(Path(__file__).parent / "abort_at_exit.py"), *_args(pool, out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((out / EMBEDDINGS).glob("[0-9]*.json"))) == 8  # 127 images in chunks of 16
+    assert len((out / "clustered.txt").read_text().splitlines()) == 40
+    levels = [np.load(out / "kmeans" / f"level{d}.npz") for d in (1, 2)]
+    assert levels[0]["labels"].shape == (120,) and levels[1]["centroids"].shape == (3, 384)

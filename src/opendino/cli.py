@@ -296,7 +296,7 @@ def _int_list(text: str | None) -> list[int]:
 def cmd_curate(args: argparse.Namespace) -> int:
     from opendino.config import ConfigError
     from opendino.curate import CurateConfig, run_curation
-    from opendino.train.distributed import init_distributed
+    from opendino.train.distributed import close_distributed, exit_finished_rank, init_distributed
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
@@ -327,15 +327,20 @@ def cmd_curate(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
     )
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         config.check()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a gloo group carries the k-means sums
-            env, device = init_distributed("cpu")
+        if distributed:  # torchrun: a gloo group carries the k-means sums
+            env, _ = init_distributed("cpu")
             if args.device.startswith("cuda"):
                 config.device = f"cuda:{env.local_rank}"
         counts = run_curation(config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if distributed:  # every rank waits for rank 0's stages, then leaves without interpreter teardown
+        close_distributed()
+        if env.rank:
+            exit_finished_rank(0)
     if "selection" in counts:
         print(
             f"pool {counts['pool']} -> {counts['embedded']} embedded ({counts['unreadable']} unreadable) -> "
@@ -343,6 +348,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
             f"{counts['clustered']} clustered + {counts['retrieved']} retrieved -> {counts['selection']} in "
             f"{Path(args.out) / 'selection.txt'}; report: {Path(args.out) / 'report.md'}"
         )
+    if distributed:
+        exit_finished_rank(0)
     return 0
 
 
