@@ -354,3 +354,27 @@ def test_curate_under_torchrun_shares_the_embedding_and_the_k_means(pool, tmp_pa
     assert len((out / "clustered.txt").read_text().splitlines()) == 40
     levels = [np.load(out / "kmeans" / f"level{d}.npz") for d in (1, 2)]
     assert levels[0]["labels"].shape == (120,) and levels[1]["centroids"].shape == (3, 384)
+
+
+def test_a_pool_of_tar_shards_gives_a_selection_training_can_read(pool, tmp_path):
+    import tarfile
+
+    from opendino.data.sources import open_source
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    images = sorted((pool / "images").glob("*.png"))
+    for s in range(2):
+        with tarfile.open(shards / f"pool-{s:04d}.tar", "w") as tar:
+            for path in images[s::2]:
+                tar.add(path, arcname=f"{path.stem}.png")
+    out = tmp_path / "tar-curation"
+    args = _args(pool, out)
+    assert main([args[0], str(shards), *args[2:5], "20", *args[6:]]) == 0
+    selection = open_source(out / "selection.txt")
+    assert len(selection) >= 20 and all(".tar:" in selection.path(i) for i in range(len(selection)))
+    assert all(selection.load(i) is not None for i in range(len(selection)))
+    mix = open_source(out / "mix.yaml")
+    assert len(mix) == len((out / "clustered.txt").read_text().splitlines()) + len(
+        (out / "retrieved.txt").read_text().splitlines()
+    )

@@ -417,7 +417,5 @@ def _write_mix(config: CurateConfig, out: Path, clustered: bool, retrieved: bool
     for name, path, weight in entries:
         if path is None and not parts[name]:
             raise ConfigError(f"--mix {name}:{weight}: there is no {name} part (it needs --size / --seed-set)")
-        sources.append({"name": name, "path": path or f"{name}.txt", "weight": weight})
-    write_manifest(
-        out / "mix.yaml", sources, {"source": homogeneous[0], "fraction": homogeneous[1]} if homogeneous else None
-    )
+        sources.append((name, path or f"{name}.txt", weight))
+    write_manifest(out / "mix.yaml", sources, homogeneous or None)
