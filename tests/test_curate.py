@@ -22,7 +22,8 @@ from opendino.cli import main
 from opendino.curate.dedup import deduplicate
 from opendino.curate.descriptors import THUMBNAIL_SIDE, copy_descriptors, thumbnail_descriptor
 from opendino.curate.embed import EMBEDDINGS, EmbeddingStore
-from opendino.curate.kmeans import Points, hierarchical_kmeans, kmeans, kmeans_plus_plus, nearest_centroid
+from opendino.curate.kmeans import NearestCentroid, Points, hierarchical_kmeans, kmeans, kmeans_plus_plus
+from opendino.curate.pipeline import CurateConfig, _Stages
 from opendino.curate.retrieval import nearest_in_pool
 from opendino.curate.sampling import balanced_sample, water_fill
 
@@ -83,6 +84,16 @@ def test_balanced_sample_takes_exact_quotas_from_a_hand_made_tree():
     picks = balanced_sample(leaf, distances, parents, 16, multiplier=3, rng=np.random.default_rng(0))
     assert np.bincount(leaf[picks], minlength=4).tolist() == [4, 4, 5, 3]
     assert sorted(picks[leaf[picks] == 1].tolist()) == [10, 10, 11, 11] and (picks[leaf[picks] == 3] == 18).all()
+    # empty clusters (kept centroids) at the end of a level: they get nothing, the others their shares
+    picks = balanced_sample(
+        leaf,
+        distances,
+        [np.array([0, 0, 1, 1, 2]), np.array([0, 0, 0])],
+        8,
+        n_clusters=[5, 4, 2],
+        rng=np.random.default_rng(0),
+    )
+    assert np.bincount(leaf[picks], minlength=4).tolist() == [2, 2, 3, 1]
     # one level only: the leaves are the top
     picks = balanced_sample(leaf, distances, [], 4, strategy="closest", rng=np.random.default_rng(0))
     assert np.bincount(leaf[picks], minlength=4).tolist() == [1, 1, 1, 1]
@@ -184,8 +195,8 @@ def test_kmeans_plus_plus_and_levels_recover_separated_blobs(tmp_path):
 def test_nearest_centroid_on_a_torch_device_matches_faiss():
     x, _ = _blobs(n_per=40, k=5, dim=12, seed=4)
     centroids = x[::37].copy()
-    d_faiss, i_faiss = nearest_centroid(x, centroids)
-    d_torch, i_torch = nearest_centroid(x, centroids, device="cpu")
+    d_faiss, i_faiss = NearestCentroid(centroids)(x)
+    d_torch, i_torch = NearestCentroid(centroids, device="cpu")(x)
     assert np.array_equal(i_faiss, i_torch) and np.allclose(d_faiss, d_torch, atol=1e-3)
     exact = ((x[:, None] - centroids[None]) ** 2).sum(-1)
     assert np.array_equal(i_faiss, exact.argmin(1))
@@ -311,12 +322,18 @@ def test_curate_writes_a_selection_and_resumes_after_kill_9_to_the_same_selectio
     killed = tmp_path / "killed"
     _kill_when(_args(pool, killed), killed / EMBEDDINGS / "00002.json")  # during the embedding
     assert not (killed / "selection.txt").exists()
-    _kill_when([*_args(pool, killed), "--resume"], killed / "kmeans" / "level1_step001.npy")  # in the k-means
+    _kill_when([*_args(pool, killed), "--resume"], killed / "kmeans" / "level2_step001.npy")  # in the k-means
     assert main([*_args(pool, killed), "--resume"]) == 0
     assert (killed / "selection.txt").read_text().splitlines() == selection
     # a new sampling size redoes the sampling only
     assert main([*_args(pool, killed)[:5], "30", *_args(pool, killed)[6:], "--resume"]) == 0
     assert len((killed / "clustered.txt").read_text().splitlines()) == 30
+    # a redo with other settings that died half-way (its first file rewritten), then the first settings
+    # again: every stage built on what it touched is redone, and the selection is the first one
+    _Stages(CurateConfig(pool=str(pool), out=str(killed))).invalidate("dedup")
+    np.save(killed / "keep.npy", np.zeros(126, dtype=bool))
+    assert main([*_args(pool, killed), "--resume"]) == 0
+    assert (killed / "selection.txt").read_text().splitlines() == selection
 
 
 def test_curate_errors_are_clear(pool, tmp_path, capsys):
@@ -336,6 +353,12 @@ def test_curate_errors_are_clear(pool, tmp_path, capsys):
     assert "decreasing" in capsys.readouterr().err
     assert main([*args, "--mix", "clustered:abc"]) == 2
     assert "NAME=PATH:WEIGHT" in capsys.readouterr().err
+    assert main([*args, "--mix", "x=/a:nan"]) == 2  # weights must be finite
+    assert main([*args, "--mix", "clustered:1", "--mix", "clustered:2"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    no_seeds = args[: args.index("--seed-set")] + args[args.index("--per-seed") :]
+    assert main([*no_seeds, "--homogeneous", "retrieved:0.1"]) == 2  # no retrieval part without --seed-set
+    assert "retrieved:0.1" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert main([*args[:3], str(tmp_path / "full"), *args[4:]]) == 2

@@ -7,6 +7,7 @@ choices), 1 runtime failure. ``OPENDINO_DEBUG=1`` prints tracebacks.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -296,7 +297,7 @@ def _int_list(text: str | None) -> list[int]:
 def cmd_curate(args: argparse.Namespace) -> int:
     from opendino.config import ConfigError
     from opendino.curate import CurateConfig, run_curation
-    from opendino.train.distributed import close_distributed, exit_finished_rank, init_distributed
+    from opendino.train.distributed import close_distributed, exit_finished_rank
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
@@ -330,16 +331,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         config.check()
-        if distributed:  # torchrun: a gloo group carries the k-means sums
-            env, _ = init_distributed("cpu")
+        if distributed:  # torchrun: a gloo group carries the k-means sums (small, on the CPU)
+            # The other ranks wait while rank 0 alone deduplicates and samples: far longer than gloo's default
+            # 30-minute timeout on a large pool.
+            torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=2))
             if args.device.startswith("cuda"):
-                config.device = f"cuda:{env.local_rank}"
+                config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         counts = run_curation(config)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if distributed:  # every rank waits for rank 0's stages, then leaves without interpreter teardown
+        rank = torch.distributed.get_rank()
         close_distributed()
-        if env.rank:
+        if rank:
             exit_finished_rank(0)
     if "selection" in counts:
         print(

@@ -28,6 +28,11 @@ from opendino.eval.features import extract_features
 EMBEDDINGS = "embeddings"
 
 
+def _save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -85,8 +90,8 @@ def embed_pool(
                 raise
             vectors, feats, kept = np.zeros((0, 0), np.float16), None, []
             thumbs = np.zeros((0, THUMBNAIL_SIDE**2), np.float16)
-        _write_atomic(folder / f"{i:05d}.npy", lambda p, v=vectors: np.save(p.open("wb"), v))
-        _write_atomic(folder / f"{i:05d}.thumb.npy", lambda p, v=thumbs: np.save(p.open("wb"), v))
+        _write_atomic(folder / f"{i:05d}.npy", lambda p, v=vectors: _save(p, v))
+        _write_atomic(folder / f"{i:05d}.thumb.npy", lambda p, v=thumbs: _save(p, v))
         meta = {
             "records": kept,
             "paths": [source.path(q) for q in kept],

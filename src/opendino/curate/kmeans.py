@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,24 +96,32 @@ def _chunk_rows(k: int) -> int:
     return max(256, CHUNK_ELEMENTS // max(k, 1))
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray, device: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
-    """Squared L2 distance to the nearest centroid and its index, with faiss (exact) or on a torch device
-    (``||x||^2 - 2 x·c + ||c||^2``, one matrix product, as faiss computes it)."""
-    if device == "faiss":
-        d, i = faiss.knn(np.ascontiguousarray(x), centroids, 1)
-        return d[:, 0], i[:, 0]
-    xt, ct = torch.from_numpy(x).to(device), torch.from_numpy(centroids).to(device)
-    d = (xt * xt).sum(1, keepdim=True) - 2.0 * xt @ ct.T + (ct * ct).sum(1)[None]
-    best, index = d.min(1)
-    return best.clamp_min(0).cpu().numpy(), index.cpu().numpy()
+class NearestCentroid:
+    """Squared L2 distance to the nearest of fixed centroids and its index, with faiss (exact) or on a torch
+    device (``||x||^2 - 2 x·c + ||c||^2``, one matrix product, as faiss computes it); the centroids go to
+    the device once, not once per chunk."""
+
+    def __init__(self, centroids: np.ndarray, device: str = "faiss") -> None:
+        self.centroids, self.device = np.ascontiguousarray(centroids, dtype=np.float32), device
+        if device != "faiss":
+            self.on_device = torch.from_numpy(self.centroids).to(device)
+            self.norms = (self.on_device * self.on_device).sum(1)
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.device == "faiss":
+            d, i = faiss.knn(np.ascontiguousarray(x), self.centroids, 1)
+            return d[:, 0], i[:, 0]
+        xt = torch.from_numpy(x).to(self.device)
+        best, index = ((xt * xt).sum(1, keepdim=True) - 2.0 * xt @ self.on_device.T + self.norms[None]).min(1)
+        return best.clamp_min(0).cpu().numpy(), index.cpu().numpy()
 
 
 def assign(points: Points, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid and its squared L2 distance for this rank's points."""
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    search = NearestCentroid(centroids, points.device)
     labels, dists = [], []
     for _, x in points.chunks(_chunk_rows(len(centroids))):
-        d, i = nearest_centroid(x, centroids, points.device)
+        d, i = search(x)
         labels.append(i)
         dists.append(d)
     if not labels:
@@ -148,8 +158,9 @@ def lloyd(points: Points, centroids: np.ndarray, iterations: int, progress: bool
     for _ in tqdm(range(iterations), desc=f"k-means k={k}", unit="it", disable=not progress, leave=False):
         sums = torch.zeros(k, points.dim, dtype=torch.float64)
         counts = torch.zeros(k, dtype=torch.float64)
+        search = NearestCentroid(centroids, points.device)
         for _, x in points.chunks(_chunk_rows(k)):
-            _, nearest = nearest_centroid(x, centroids, points.device)
+            _, nearest = search(x)
             index = torch.from_numpy(nearest)
             sums.index_add_(0, index, torch.from_numpy(x).double())
             counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
@@ -216,10 +227,11 @@ def cluster_level(
         raise ValueError(f"cannot make {k} clusters of {points.n} points: lower the number of clusters")
     start, centroids = 0, None
     if checkpoint is not None:
-        done = sorted(checkpoint.parent.glob(f"{checkpoint.name}_step*.npy"))
+        pattern = re.compile(rf"{re.escape(checkpoint.name)}_step(\d+)\.npy")
+        done = {int(m[1]): f for f in checkpoint.parent.iterdir() if (m := pattern.fullmatch(f.name))}
         if done:
-            centroids = np.load(done[-1])
-            start = int(done[-1].stem.rsplit("step", 1)[1]) + 1
+            start = max(done) + 1
+            centroids = np.load(done[start - 1])
     labels = dists = None
     if centroids is not None:
         labels, dists = assign(points, centroids)
@@ -232,9 +244,11 @@ def cluster_level(
             centroids = kmeans(Points.in_memory(points.gather(samples), points.device), k, iterations, rng)
         labels, dists = assign(points, centroids)
         if checkpoint is not None and (not _distributed() or dist.get_rank() == 0):
-            tmp = checkpoint.with_name(f"{checkpoint.name}_step{step:03d}.tmp.npy")
-            np.save(tmp, centroids)
-            tmp.rename(checkpoint.with_name(f"{checkpoint.name}_step{step:03d}.npy"))
+            final = checkpoint.with_name(f"{checkpoint.name}_step{step:03d}.npy")
+            tmp = final.with_name(final.name + ".tmp")  # never matched as a finished step
+            with open(tmp, "wb") as f:
+                np.save(f, centroids)
+            os.replace(tmp, final)
         if points.sharded:
             dist.barrier()
     return Level(centroids, points.all_positions(labels), points.all_positions(dists))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ from opendino.curate.sampling import STRATEGIES, balanced_sample
 SETTINGS_FILE = "curate.json"
 NN_HISTOGRAM_MAX_POOL = 2_000_000  # the report's nearest-neighbour similarity histogram up to this size
 STAGES = ("embed", "dedup", "kmeans", "sample", "retrieve", "mix")
-# The settings each stage's result depends on (beside those of the stages before it).
+# The settings each stage's own result depends on, and the stages whose results it reads.
 STAGE_SETTINGS = {
     "embed": ("pool", "backbone", "resolution", "chunk", "dtype"),
     "dedup": ("dedup", "dedup_k", "dedup_on"),
@@ -42,6 +43,27 @@ STAGE_SETTINGS = {
     "retrieve": ("seed_set", "per_seed"),
     "mix": ("mix", "homogeneous"),
 }
+STAGE_INPUTS = {
+    "embed": (),
+    "dedup": ("embed",),
+    "kmeans": ("dedup",),
+    "sample": ("kmeans",),
+    "retrieve": ("dedup",),
+    "mix": ("sample", "retrieve"),
+}
+
+
+def _upstream(stage: str) -> list[str]:
+    """``stage`` and every stage whose result it reads, directly or not."""
+    found = [stage]
+    for before in STAGE_INPUTS[stage]:
+        found += [s for s in _upstream(before) if s not in found]
+    return found
+
+
+def _downstream(stage: str) -> list[str]:
+    """``stage`` and every stage that reads its result, directly or not."""
+    return [s for s in STAGES if stage in _upstream(s)]
 
 
 @dataclasses.dataclass
@@ -94,41 +116,54 @@ class CurateConfig:
             raise ConfigError(f"pool {self.pool}: no such folder, list or tar shard")
         if self.seed_set is not None and not Path(self.seed_set).exists():
             raise ConfigError(f"--seed-set {self.seed_set}: no such folder or list")
-        parse_mix(self.mix, self.homogeneous)
+        if self.dedup_k < 1 or self.resolution < 1:
+            raise ConfigError("--dedup-k and --resolution must be >= 1")
+        parse_mix(self.mix, self.homogeneous, self.parts)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The curated parts this run makes."""
+        return ("clustered",) * bool(self.size) + ("retrieved",) * (self.seed_set is not None)
 
     def stage_key(self, stage: str) -> dict:
-        """The settings ``stage`` and every stage before it depend on."""
-        names = [n for s in STAGES[: STAGES.index(stage) + 1] for n in STAGE_SETTINGS[s]]
+        """The settings ``stage`` depends on: its own and those of every stage whose result it reads."""
+        names = [n for s in STAGES if s in _upstream(stage) for n in STAGE_SETTINGS[s]]
         return {n: getattr(self, n) for n in names}
 
 
-def parse_mix(entries: list[str], homogeneous: str | None) -> tuple[list[tuple[str, str | None, float]], tuple]:
-    """``NAME=PATH:WEIGHT`` (a raw source) or ``NAME:WEIGHT`` (``clustered`` or ``retrieved``) entries and
-    ``NAME:FRACTION``."""
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        return float("nan")
+    return value if math.isfinite(value) else float("nan")
+
+
+def parse_mix(
+    entries: list[str], homogeneous: str | None, parts: tuple[str, ...] = ("clustered", "retrieved")
+) -> tuple[list[tuple[str, str | None, float]], tuple]:
+    """``NAME=PATH:WEIGHT`` (a raw source) or ``NAME:WEIGHT`` (one of the curated ``parts`` this run makes)
+    entries and ``NAME:FRACTION``; raw paths made absolute (the manifest lives elsewhere)."""
     parsed = []
     for entry in entries:
         head, _, weight = entry.rpartition(":")
         name, _, path = head.partition("=")
-        try:
-            value = float(weight)
-        except ValueError:
-            value = -1.0
-        if not name or value <= 0 or (not path and name not in ("clustered", "retrieved")):
+        value = _number(weight)
+        if not name or not value > 0 or (not path and name not in parts):
             raise ConfigError(
-                f"--mix {entry}: give NAME=PATH:WEIGHT for a source, or clustered:WEIGHT / retrieved:WEIGHT "
-                "(weights > 0, relative)"
+                f"--mix {entry}: give NAME=PATH:WEIGHT for a source, or PART:WEIGHT for a part this run makes "
+                f"({', '.join(parts) or 'none: give --size and/or --seed-set'}); weights finite and > 0"
             )
-        parsed.append((name, path or None, value))
+        if name in {e[0] for e in parsed}:
+            raise ConfigError(f"--mix {entry}: the name {name} is given twice")
+        parsed.append((name, os.path.abspath(path) if path else None, value))
     homog = ()
     if homogeneous is not None:
         name, _, fraction = homogeneous.rpartition(":")
-        try:
-            value = float(fraction)
-        except ValueError:
-            value = -1.0
-        known = {p[0] for p in parsed} or {"clustered", "retrieved"}
+        value = _number(fraction)
+        known = sorted({p[0] for p in parsed} or set(parts))
         if name not in known or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--homogeneous {homogeneous}: NAME:FRACTION, NAME one of {sorted(known)}, 0..1")
+            raise ConfigError(f"--homogeneous {homogeneous}: NAME:FRACTION, NAME one of {known}, FRACTION 0..1")
         homog = (name, value)
     return parsed, homog
 
@@ -146,14 +181,19 @@ class _Stages:
     def is_done(self, stage: str) -> bool:
         return self._read().get(stage) == _plain(self.config.stage_key(stage))
 
-    def finish(self, stage: str) -> None:
-        done = self._read()
-        done[stage] = self.config.stage_key(stage)
-        for later in STAGES[STAGES.index(stage) + 1 :]:
-            done.pop(later, None)
+    def _write(self, done: dict) -> None:
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"stages": done}, indent=1))
         os.replace(tmp, self.file)
+
+    def invalidate(self, stage: str) -> None:
+        """Before ``stage`` rewrites its outputs: it and every stage reading them are no longer done."""
+        done = self._read()
+        self._write({k: v for k, v in done.items() if k not in _downstream(stage)})
+
+    def finish(self, stage: str) -> None:
+        self.invalidate(stage)
+        self._write({**self._read(), stage: self.config.stage_key(stage)})
 
 
 def _plain(settings: dict) -> dict:
@@ -168,7 +208,9 @@ def _claim(folder: Path, settings: dict) -> None:
     if folder.exists() and (not marker.exists() or json.loads(marker.read_text()) != _plain(settings)):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings))
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings))
+    os.replace(tmp, marker)
 
 
 def _auto_levels(n: int) -> list[int]:
@@ -220,9 +262,15 @@ def run_curation(config: CurateConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(config)
-    source = open_source(config.pool)
+    source = open_source(os.path.abspath(config.pool))  # absolute paths: the lists are read from elsewhere
     if len(source) == 0:
         raise ConfigError(f"pool {config.pool}: no images found")
+    pool_size = out / EMBEDDINGS / "pool.json"  # chunk i is records [i * chunk, ...): the pool must not move
+    if pool_size.exists() and json.loads(pool_size.read_text())["records"] != len(source):
+        before = json.loads(pool_size.read_text())["records"]
+        raise ConfigError(
+            f"pool {config.pool} changed since it was embedded ({before} -> {len(source)} images): use a new --out"
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     if not stages.is_done("embed"):
@@ -233,7 +281,9 @@ def run_curation(config: CurateConfig) -> dict:
             )
         model = _backbone(config.backbone)
         if _is_main():
+            stages.invalidate("embed")
             _claim(out / EMBEDDINGS, config.stage_key("embed"))
+            pool_size.write_text(json.dumps({"records": len(source)}))
         _barrier()
         mean, std = normalisation(model)
         embed_pool(
@@ -262,11 +312,13 @@ def run_curation(config: CurateConfig) -> dict:
     counts = {"pool": len(source), "unreadable": len(store.skipped), "embedded": len(store)}
 
     if _is_main() and not stages.is_done("dedup"):
+        stages.invalidate("dedup")  # from here on its files (and what was built on them) are being replaced
+        (out / "nn_similarity.npy").unlink(missing_ok=True)
         result = deduplicate(store, config.dedup, config.dedup_k, config.dedup_on, progress=config.progress)
         np.save(out / "keep.npy", result.keep)
         lines = ["kept,removed,kind"]
         for row in np.nonzero(~result.keep)[0]:
-            kind = "exact" if store.hashes[row] == store.hashes[result.group[row]] else "near"
+            kind = "near" if result.distinct[row] else "exact"
             lines.append(f"{store.paths[result.group[row]]},{store.paths[row]},{kind}")
         _write_list(out / "duplicates.csv", lines)
         (out / "dedup.json").write_text(json.dumps({"exact": result.exact, "near": result.near}))
@@ -290,10 +342,13 @@ def run_curation(config: CurateConfig) -> dict:
         if levels[0] > len(keep_rows):
             raise ConfigError(f"--levels {levels}: {levels[0]} clusters of only {len(keep_rows)} images")
         if _is_main():
+            stages.invalidate("kmeans")
             _claim(kdir, config.stage_key("kmeans"))
         _barrier()
         sample_sizes = config.sample_sizes or default_sample_sizes(len(keep_rows), levels)
-        steps = config.steps or [10 if s > 1 else 1 for s in sample_sizes]
+        # Level 1 runs once (the web configuration's level 1: resampling it would re-cluster half the pool
+        # in memory at every step); the upper levels resample 10 times where there is something to sample.
+        steps = config.steps or [1] + [10 if s > 1 else 1 for s in sample_sizes[1:]]
         search = "faiss" if config.device == "cpu" else config.device  # on a GPU: torch's matrix product
         points = Points(len(keep_rows), store.dim, lambda pos: store.take(keep_rows[pos]), sharded=True, device=search)
         tree = hierarchical_kmeans(
@@ -319,12 +374,14 @@ def run_curation(config: CurateConfig) -> dict:
         tree = [np.load(kdir / f"level{d + 1}.npz") for d in range(len(levels))]
         counts["levels"] = levels
         if not stages.is_done("sample"):
+            stages.invalidate("sample")
             rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))
             picks = balanced_sample(
                 tree[0]["labels"],
                 tree[0]["distances"],
                 [t["labels"] for t in tree[1:]],
                 config.size,
+                n_clusters=[len(t["centroids"]) for t in tree],
                 multiplier=config.multiplier,
                 strategy=config.strategy,
                 rng=rng,
@@ -337,6 +394,7 @@ def run_curation(config: CurateConfig) -> dict:
     retrieved: list[str] = []
     if config.seed_set is not None:
         if not stages.is_done("retrieve"):
+            stages.invalidate("retrieve")
             retrieved = _retrieve(config, store, keep_rows, out)
             stages.finish("retrieve")
         retrieved = (out / "retrieved.txt").read_text().splitlines()
@@ -346,6 +404,7 @@ def run_curation(config: CurateConfig) -> dict:
     _write_list(out / "selection.txt", selection)
     counts["selection"] = len(selection)
     if not stages.is_done("mix"):
+        stages.invalidate("mix")
         _write_mix(config, out, bool(clustered), bool(retrieved))
         stages.finish("mix")
     from opendino.curate.report import write_report

@@ -42,6 +42,7 @@ def balanced_sample(
     parents: Sequence[np.ndarray],
     target: int,
     *,
+    n_clusters: Sequence[int] | None = None,
     multiplier: int = 1,
     strategy: str = "random",
     rng: np.random.Generator,
@@ -49,18 +50,21 @@ def balanced_sample(
     """Positions of the picked points (repeated when picked several times), in tree order.
 
     ``leaf_labels[i]`` is the level-1 cluster of point ``i`` and ``leaf_distances[i]`` its distance to that
-    centroid; ``parents[j][c]`` is the level-``j + 2`` cluster of level-``j + 1`` cluster ``c``."""
+    centroid; ``parents[j][c]`` is the level-``j + 2`` cluster of level-``j + 1`` cluster ``c``;
+    ``n_clusters[j]`` the number of clusters of level ``j + 1`` (default: as the labels show; give it when
+    the last clusters of a level may be empty)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    n_leaves = len(parents[0]) if parents else int(leaf_labels.max()) + 1
+    if n_clusters is None:
+        n_clusters = [len(p) for p in parents] + [int((parents[-1] if parents else leaf_labels).max()) + 1]
     order = np.lexsort((np.arange(len(leaf_labels)), leaf_distances, leaf_labels))
-    bounds = np.searchsorted(leaf_labels[order], np.arange(n_leaves + 1))
-    members = [order[bounds[c] : bounds[c + 1]] for c in range(n_leaves)]  # nearest first
+    bounds = np.searchsorted(leaf_labels[order], np.arange(n_clusters[0] + 1))
+    members = [order[bounds[c] : bounds[c + 1]] for c in range(n_clusters[0])]  # nearest first
     children = []  # children[j][c]: the level-(j + 1) clusters below level-(j + 2) cluster c
-    for labels in parents:
+    for labels, k in zip(parents, n_clusters[1:], strict=True):
         sorted_ids = np.argsort(labels, kind="stable")
-        cuts = np.searchsorted(labels[sorted_ids], np.arange(labels.max() + 2))
-        children.append([sorted_ids[cuts[c] : cuts[c + 1]] for c in range(len(cuts) - 1)])
+        cuts = np.searchsorted(labels[sorted_ids], np.arange(k + 1))
+        children.append([sorted_ids[cuts[c] : cuts[c + 1]] for c in range(k)])
     sizes = [np.array([len(m) for m in members], dtype=np.int64)]
     for level in children:
         sizes.append(np.array([sizes[-1][kids].sum() for kids in level], dtype=np.int64))
