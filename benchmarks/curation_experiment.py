@@ -217,6 +217,8 @@ def main() -> None:
         out=str(curation),
         size=args.size,
         backbone=str(runs / f"raw-seed{first}"),
+        levels=[204, 25, 3],  # the automatic levels of the 3,278 images left after dedup (about n/16, /8, /8)
+        steps=[10, 10, 10],  # the reported run resampled every level (the default then; level 1 now runs once)
         dedup=args.dedup,
         seed_set=str(data["seeds"]),
         per_seed=args.per_seed,
