@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -192,6 +193,12 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--figure", type=Path, default=None)
     p.add_argument("--only-embedder", action="store_true", help="stop after the raw run the curation embeds with")
+    p.add_argument(
+        "--strong-embedder",
+        type=Path,
+        default=None,
+        help="also curate with this run as the embedder (arm curated-strong), e.g. a demo run of the uniform world",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = make_data(args)
@@ -237,6 +244,15 @@ def main() -> None:
         "retrieval": curation / "retrieved.txt",
         "mix": curation / "mix.yaml",
     }
+    arms = list(ARMS)
+    if args.strong_embedder is not None:  # the same curation with an embedder that tells the classes apart
+        strong = args.out / "curation-strong"
+        settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("mix", "homogeneous")}
+        settings |= {"out": str(strong), "backbone": str(args.strong_embedder), "seed_set": None}
+        results["curation_strong"] = run_curation(CurateConfig(**settings))
+        save()
+        lists["curated-strong"] = strong / "clustered.txt"
+        arms.append("curated-strong")
     all_images = sorted(pool)
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -244,7 +260,7 @@ def main() -> None:
         random_list.write_text(
             "".join(f"{all_images[i]}\n" for i in np.sort(rng.choice(len(all_images), args.size, False)))
         )
-        for arm in ARMS:
+        for arm in arms:
             key = f"{arm}|{seed}"
             if key in results:
                 continue
@@ -293,7 +309,7 @@ def table(results: dict, args: argparse.Namespace, ranks: list[int]) -> dict:
     print("| arm | images | class entropy | rare share | junk | redundant | k-NN mean | k-NN rare | seg mIoU |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
-    for arm in ARMS:
+    for arm in [*ARMS, "curated-strong"]:
         entries = [results[f"{arm}|{s}"] for s in args.seeds if f"{arm}|{s}" in results]
         if not entries:
             continue
