@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 import statistics
 import sys
 from collections import Counter
@@ -177,6 +178,40 @@ def dedup_sweep(curation: Path, pool: dict[str, dict]) -> list[dict]:
     return out
 
 
+SWEEP_LEVELS = ([204, 25, 3], [200, 50, 10], [100, 10], [50, 10], [10])
+
+
+def levels_sweep(args: argparse.Namespace, pool: dict[str, dict], ranks: list[int]) -> dict:
+    """The class balance of the balanced sample for several cluster trees, for each embedder (the
+    embeddings and the dedup of each curation folder reused; no training). Label-aware: a sensitivity
+    analysis, not a way to choose the levels of the trained arms."""
+    rows = {}
+    for name in ("curation", "curation-strong"):
+        source = args.out / name
+        if not (source / "embeddings").exists():
+            continue
+        for levels in SWEEP_LEVELS:
+            out = args.out / "sweep" / f"{name}-{'-'.join(map(str, levels))}"
+            if not out.exists():
+                shutil.copytree(source / "embeddings", out / "embeddings")
+                for f in ("keep.npy", "dedup.json"):
+                    shutil.copy(source / f, out / f)
+                done = json.loads((source / "curate.json").read_text())["stages"]
+                (out / "curate.json").write_text(json.dumps({"stages": {k: done[k] for k in ("embed", "dedup")}}))
+            stored = json.loads((out / "curate.json").read_text())["stages"]["embed"]
+            config = CurateConfig(**{**stored, "out": str(out), "size": args.size, "dedup": args.dedup})
+            config.levels, config.steps, config.resume, config.progress = levels, [10] * len(levels), True, False
+            run_curation(config)
+            picked = (out / "clustered.txt").read_text().splitlines()
+            stats = selection_stats(picked, pool, ranks)
+            rows[f"{name} {levels}"] = {k: stats[k] for k in ("entropy", "rare_share", "rarest_count", "junk")}
+            print(
+                f"{name:<16} levels {str(levels):<15} "
+                + " ".join(f"{k} {v:.3f}" for k, v in rows[f"{name} {levels}"].items())
+            )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/curation-experiment"))
@@ -193,6 +228,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--figure", type=Path, default=None)
     p.add_argument("--only-embedder", action="store_true", help="stop after the raw run the curation embeds with")
+    p.add_argument("--levels-sweep", action="store_true", help="only the class balance of other cluster trees")
     p.add_argument(
         "--strong-embedder",
         type=Path,
@@ -206,6 +242,9 @@ def main() -> None:
         pool = {str((data["manifest"].parent / r["path"]).resolve()): r for r in csv.DictReader(f)}
     ranks = class_ranks(0)  # class ids, commonest first
     splits = open_labelled(data["eval"])
+    if args.levels_sweep:
+        (args.out / "levels_sweep.json").write_text(json.dumps(levels_sweep(args, pool, ranks), indent=1))
+        return
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
 
