@@ -536,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=0, help="images the balanced sampling picks (0: only retrieval)")
     p.add_argument("--backbone", help="run folder, checkpoint file or model name (a name alone: random weights)")
     p.add_argument("--levels", help="clusters per level, decreasing, e.g. 1000,100,10 (default: about n/16, /8, /8)")
-    p.add_argument("--steps", help="k-means runs per level (default: 10, or 1 where the sample size is 1)")
+    p.add_argument(
+        "--steps", help="k-means runs per level (default: 1 at level 1; 10 above, or 1 where the sample size is 1)"
+    )
     p.add_argument("--sample-sizes", help="resampling: points per cluster per level (default: half the mean size)")
     p.add_argument("--iterations", type=int, default=50, help="Lloyd updates per k-means (default: %(default)s)")
     p.add_argument("--strategy", choices=("random", "closest"), default="random", help="leaf picks (default: random)")

@@ -73,7 +73,7 @@ class CurateConfig:
     size: int = 0  # images the balanced sampling picks (0: none, only retrieval)
     backbone: str | None = None  # run folder, checkpoint file or model name
     levels: list[int] = dataclasses.field(default_factory=list)  # clusters per level, decreasing; []: auto
-    steps: list[int] = dataclasses.field(default_factory=list)  # k-means runs per level; []: 10 (1 if sample 1)
+    steps: list[int] = dataclasses.field(default_factory=list)  # k-means runs per level; []: 1, then 10
     sample_sizes: list[int] = dataclasses.field(default_factory=list)  # per level; []: half the mean cluster
     iterations: int = 50  # Lloyd updates per k-means
     strategy: str = "random"  # leaf picks: random | closest
@@ -431,7 +431,7 @@ def _retrieve(config: CurateConfig, store: EmbeddingStore, keep_rows: np.ndarray
     from opendino.eval.features import extract_features
     from opendino.models.registry import normalisation
 
-    model = _backbone(config.backbone or json.loads((out / EMBEDDINGS / "settings.json").read_text())["backbone"])
+    model = _backbone(config.backbone)  # the embeddings' own: --resume refuses another
     mean, std = normalisation(model)
     seeds = open_source(config.seed_set)
     if len(seeds) == 0:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from opendino.data.sources import ImageSource, decode_image
+from opendino.data.sources import ImageSource
 from opendino.models.vit import global_feature
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
@@ -54,26 +54,27 @@ def eval_transform(resolution: int, mean: Sequence[float], std: Sequence[float],
 
 
 class _ImageDataset(Dataset):
-    """Transformed images of ``paths`` (or of an image source, by position in ``indices``)."""
+    """Transformed images of an image source (or of files), by position in ``indices`` (default: all)."""
 
     def __init__(
         self,
-        paths: Sequence[Path] | ImageSource,
+        images: Sequence[Path] | ImageSource,
         transform,
         indices: Sequence[int] | None = None,
         describe: Callable[[Tensor], object] | None = None,
     ) -> None:
-        self.source = paths if isinstance(paths, ImageSource) else None
-        self.paths = None if self.source is not None else list(paths)
-        self.indices = list(range(len(paths))) if indices is None else list(indices)
+        self.source = (
+            images if isinstance(images, ImageSource) else ImageSource([(str(p), -1) for p in images], "images")
+        )
+        self.indices = list(range(len(self.source))) if indices is None else list(indices)
         self.transform, self.describe = transform, describe
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor | None, int] | tuple[Tensor | None, int, str]:
-        index = self.indices[i]
-        img = decode_image(self.paths[index]) if self.source is None else self.source.load(index)
+    def __getitem__(self, i: int) -> tuple:
+        """``(image or None, i)``, with ``describe``: ``(image or None, i, description or None)``."""
+        img = self.source.load(self.indices[i])
         out = (None if img is None else self.transform(img)), i
         if self.describe is None:
             return out
@@ -109,13 +110,13 @@ def extract_features(
     describe: Callable[[Tensor], object] | None = None,
 ) -> Features:
     """Runs ``model.forward_features`` over the images (files, or the records of an image source, all or
-        those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
-        memory of the patch grids of large sets; ``describe`` (a picklable function of the decoded uint8 image,
+    those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
+    memory of the patch grids of large sets; ``describe`` (a picklable function of the decoded uint8 image,
     run where it is decoded) adds its value for each image."""
     device = torch.device(device)
     model = model.to(device).eval()
     dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, describe)
-    name = dataset.paths.__getitem__ if dataset.source is None else dataset.source.path
+    name = dataset.source.path
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
