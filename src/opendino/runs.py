@@ -21,6 +21,8 @@ import yaml
 from torch import Tensor, nn
 
 CONFIG, METRICS, CHECKPOINTS, EXPORT = "config.yaml", "metrics.jsonl", "checkpoints", "teacher.safetensors"
+# the monitored backbone at the best dense score, and its step and score (train/monitor.py, DensePeak)
+DENSE_PEAK, DENSE_PEAK_RECORD = "dense_peak.safetensors", "dense_peak.json"
 TENSORBOARD, SKIPPED = "tb", "skipped_images.txt"
 # Where the recipe keeps the exported model inside its state dict, for checkpoints written before a
 # checkpoint recorded it (every run of the SSL recipe: its EMA teacher's backbone).

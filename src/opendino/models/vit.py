@@ -116,12 +116,23 @@ class SelfAttention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def _attend(self, qkv: Tensor, rope: Rope) -> Tensor:
+    def _heads(self, qkv: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         B, N, _ = qkv.shape
         q, k, v = qkv.view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, N, d]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)
+        return q, k, v
+
+    def _attend(self, qkv: Tensor, rope: Rope) -> Tensor:
+        q, k, v = self._heads(qkv, rope)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    def weights(self, x: Tensor, rope: Rope, queries: int | None = None) -> Tensor:
+        """The attention probabilities ``[B, h, Q, N]`` of the first ``queries`` (default: all N) of the
+        (normalised) tokens ``x`` ``[B, N, D]``: what the fused kernel computes without showing, for
+        diagnostics."""
+        q, k, _ = self._heads(self.qkv(x), rope)
+        return (q[:, :, :queries] @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
 
     def forward(self, xs: Sequence[Tensor], ropes: Sequence[Rope]) -> list[Tensor]:
         qkvs = _cat_apply(self.qkv, xs)

@@ -5,15 +5,20 @@ and where its Gram teacher comes from."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from opendino import runs
+from opendino.config import ConfigError
+from opendino.recipes.gram import PEAK_TEACHER
 from opendino.runs import load_backbone, newest_state, prefixed
 
 if TYPE_CHECKING:
     from opendino.recipes.base import Recipe
     from opendino.recipes.ssl import SSLRecipe
+    from opendino.train.config import TrainConfig
 
 
 def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
@@ -36,10 +41,25 @@ def start_gram_teacher(recipe: Recipe) -> None:
     if getattr(recipe, "gram_teacher", None) is None:
         return
     if recipe.cfg.gram.checkpoint:
-        state = load_backbone(recipe.cfg.gram.checkpoint, "gram.checkpoint").state_dict()
-        recipe.gram_teacher.load_state_dict(state)
+        source = recipe.cfg.gram.checkpoint
+        if source == PEAK_TEACHER:
+            source = str(dense_peak_file(recipe.cfg))
+        recipe.gram_teacher.load_state_dict(load_backbone(source, "gram.checkpoint").state_dict())
     else:
         recipe.gram.refresh()
+
+
+def dense_peak_file(cfg: TrainConfig) -> Path:
+    """The dense-peak backbone (train/monitor.py, ``DensePeak``) of the run this one continues, else of
+    this run: the former first, since this run's own copy moves on with its monitor."""
+    folders = [*([Path(cfg.init.from_run)] if cfg.init.from_run else []), Path(cfg.run.dir)]
+    for folder in folders:
+        if (folder / runs.DENSE_PEAK).exists():
+            return folder / runs.DENSE_PEAK
+    raise ConfigError(
+        f"gram.checkpoint={PEAK_TEACHER}: no {runs.DENSE_PEAK} in {' or '.join(map(str, folders))}; the run that "
+        "reaches the peak needs monitor.every > 0 and monitor.keep_peak=true"
+    )
 
 
 def _from_run(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:

@@ -118,9 +118,16 @@ class MonitorConfig:
     n_eval: int = 128  # held-out scenes they are scored on
     size: int | None = None  # default: the global crop size
     dense: bool = True  # the dense probes above; off: only the recipe's own held-out metrics (text: zero-shot)
+    # keep the monitored backbone of the best segmentation score as dense_peak.safetensors (a Gram teacher:
+    # gram.checkpoint=dense_peak)
+    keep_peak: bool = False
 
     def check(self) -> None:
         check_minima("monitor", self, {"every": 0})
+        if self.keep_peak and not (self.every and self.dense):
+            raise ConfigError(
+                "monitor.keep_peak=true needs the dense monitor: monitor.every > 0 and monitor.dense=true"
+            )
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ from .distributed import (
     sum_over_ranks,
 )
 from .logging import MetricsLog, SkippedImagesLog
-from .monitor import DenseMonitor
+from .monitor import DenseMonitor, DensePeak
 from .optim import apply_schedules, build_optimizer
 from .parallel import parallelize
 from .rng import MemberStreams
@@ -63,6 +63,7 @@ class Member:
         self.bad_steps, self.skipped, self.logged = 0, 0, {}
         self.pending: list[tuple[int, torch.Tensor]] = []  # (step, finite flag) not yet read on the host
         self.log: MetricsLog | None = None
+        self.peak: DensePeak | None = None  # the best dense point (monitor.keep_peak)
         self.streams = MemberStreams(device)
 
     def say(self, text: str) -> None:
@@ -230,6 +231,10 @@ class Trainer:
             self.monitor = DenseMonitor(
                 size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval
             )
+            if cfg.monitor.keep_peak:
+                for m in members:
+                    continued = m.cfg.init.from_run if m.cfg.init.from_mode == "continue" else None
+                    m.peak = DensePeak(m.run_dir, continued if env.is_main else None)
         if (warning := cfg.past_schedules_warning()) and env.is_main:
             print(warning)
         if start >= cfg.total_steps and env.is_main:
@@ -279,6 +284,15 @@ class Trainer:
             member.read_pending_flags()
             member.save(step)
 
+    def keep_peak(self, member: Member, step: int, record: dict) -> None:
+        """The monitored backbone saved as the member's dense peak when ``record`` beats it (decided on rank
+        0's score: every rank must agree, since gathering a sharded state takes all of them)."""
+        beats = sum_over_ranks(int(self.env.is_main and member.peak.beats(record)), self.device)
+        if beats:
+            backbone = member.recipe.monitored()[0]
+            state = get_model_state_dict(backbone, options=FULL_STATE)
+            member.peak.save(step, record, backbone, state, write=self.env.is_main)
+
     def log_window(self, step: int, results: list[StepResult], bar: tqdm) -> None:
         """The records of a logging point: every member's metrics since the last one (on the main rank),
         the monitor's, the unreadable images of every rank, the throughput of the window."""
@@ -296,6 +310,8 @@ class Trainer:
                 # on every rank: a sharded model needs all of them for its forward
                 if self.monitor is not None:
                     record.update(self.monitor(*member.recipe.monitored()))
+                    if member.peak is not None:
+                        self.keep_peak(member, step, record)
                 record.update(member.recipe.evaluate(step))
             if member.log is not None:
                 member.log.log(record)
