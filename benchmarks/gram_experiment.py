@@ -24,6 +24,7 @@ deviation over seeds), the curves figure and the PCA / similarity pictures of th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -33,7 +34,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gram_search import CURVES, DENSE, PRESET, SETTINGS, geometry  # noqa: E402
+from gram_search import CURVES, DENSE, SETTINGS, geometry, train  # noqa: E402
+
+from opendino import runs  # noqa: E402
+from opendino.recipes.gram import PEAK_TEACHER  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("knn", "linear", "seg", "depth", "corr")
@@ -54,18 +58,8 @@ ARMS = {
 }
 
 
-def _train(folder: Path, overrides: list[str], threads: int) -> None:
-    import torch
-
-    from opendino.train.config import load_train_config
-    from opendino.train.trainer import Trainer
-
-    torch.set_num_threads(threads)
-    if not (folder / "teacher.safetensors").exists():  # finished runs are kept
-        Trainer(load_train_config(PRESET, [*overrides, f"run.dir={folder}"])).run()
-
-
 def common(args: argparse.Namespace, seed: int) -> list[str]:
+    """The settings of every run of a seed: the search geometry and setting, the kept dense peak."""
     return [
         *geometry(args.steps, args.monitor_every),
         *SETTINGS[args.setting][1],
@@ -77,13 +71,15 @@ def common(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def segment(folder: Path, previous: Path | None, until: int, args: argparse.Namespace, seed: int) -> None:
+    """The baseline up to step ``until``, continuing ``previous`` (the segment before) if given."""
     cont = [f"init.from_run={previous}", "init.from_mode=continue"] if previous else []
-    _train(folder, [*common(args, seed), *cont, f"train.steps={until}"], args.threads)
+    train(folder, [*common(args, seed), *cont, f"train.steps={until}"], args.threads)
 
 
 def arm(name: str, base: Path, args: argparse.Namespace, seed: int) -> None:
+    """One Gram arm of ``ARMS``: the baseline continued from the branch point with the Gram term."""
     teacher, scale, refresh = ARMS[name]
-    source = {"peak": "dense_peak", "early": str(base / "early"), "late": None}[teacher]
+    source = {"peak": PEAK_TEACHER, "early": str(base / "early"), "late": None}[teacher]
     gram = [
         "gram.enabled=true",
         "gram.img_level=true",
@@ -96,14 +92,13 @@ def arm(name: str, base: Path, args: argparse.Namespace, seed: int) -> None:
         every = (args.steps - args.branch) // 6
         gram += [f"gram.refresh_from={args.branch + every}", f"gram.refresh_every={every}", "gram.max_refreshes=3"]
     cont = [f"init.from_run={base / 'branch'}", "init.from_mode=continue", f"train.steps={args.steps}"]
-    _train(base / name.replace(" ", "-"), [*common(args, seed), *cont, *gram], args.threads)
+    train(base / name.replace(" ", "-"), [*common(args, seed), *cont, *gram], args.threads)
 
 
 def evaluate(model_path: Path, args: argparse.Namespace) -> dict:
     """The probes of ``opendino eval`` on one model file, on held-out scenes shared by every model."""
     import torch
 
-    from opendino import runs
     from opendino.eval.data import open_labelled, synthetic_folder
     from opendino.eval.suite import run_tasks
     from opendino.models import load_model
@@ -139,10 +134,12 @@ def curve(*folders: Path) -> list[dict]:
 
 def run_all(args: argparse.Namespace) -> dict:
     """Every run of every seed on ``--jobs`` processes, then every probe; results.json is resumable."""
+    from opendino.eval.data import synthetic_folder
+
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     bases = {seed: args.out / f"seed{seed}" for seed in args.seeds}
-    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
+    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))  # each its own torch threads
     start = time.perf_counter()
     with pool:
         chains = {pool.submit(_baseline_chain, bases[s], args, s): s for s in args.seeds}
@@ -157,17 +154,28 @@ def run_all(args: argparse.Namespace) -> dict:
         train_seconds = time.perf_counter() - start
         models = {
             s: {
-                "peak": bases[s] / "branch" / "dense_peak.safetensors",  # the best before the branch
-                "branch": bases[s] / "branch" / "teacher.safetensors",
-                "baseline": bases[s] / "baseline" / "teacher.safetensors",
-                **{name: bases[s] / name.replace(" ", "-") / "teacher.safetensors" for name in ARMS},
+                "peak": bases[s] / "branch" / runs.DENSE_PEAK,  # the best before the branch
+                "branch": bases[s] / "branch" / runs.EXPORT,
+                "baseline": bases[s] / "baseline" / runs.EXPORT,
+                **{name: bases[s] / name.replace(" ", "-") / runs.EXPORT for name in ARMS},
             }
             for s in args.seeds
         }
-        todo = {(s, n): p for s in args.seeds for n, p in models[s].items() if f"{n}|{s}" not in results}
-        evals = {key: pool.submit(evaluate, path, args) for key, path in todo.items()}
-        for (s, n), job in evals.items():
-            results[f"{n}|{s}"] = job.result()
+        synthetic_folder(args.out / "eval-data", args.n_train, args.n_val, 64)  # once, before parallel readers
+        # each distinct file probed once (the peak is the branch model when it was the last point before it):
+        # two processes would write the same feature-cache entry
+        todo: dict[str, list[str]] = {}
+        for s in args.seeds:
+            for name, path in models[s].items():
+                if f"{name}|{s}" not in results:
+                    todo.setdefault(hashlib.sha1(path.read_bytes()).hexdigest(), []).append(f"{name}|{s}")
+        first = {digest: keys[0] for digest, keys in todo.items()}
+        paths = {f"{n}|{s}": p for s in args.seeds for n, p in models[s].items()}
+        jobs = {pool.submit(evaluate, paths[key], args): digest for digest, key in first.items()}
+        for job in as_completed(jobs):
+            for key in todo[jobs[job]]:
+                results[key] = job.result()
+            results_file.write_text(json.dumps(results, indent=1))  # a crash keeps the probes done
     results["seconds"] = {"train": train_seconds + results.get("seconds", {}).get("train", 0.0)}
     results["seconds"]["total"] = time.perf_counter() - start + results.get("seconds", {}).get("total", 0.0)
     results["curves"] = {
@@ -177,14 +185,20 @@ def run_all(args: argparse.Namespace) -> dict:
         }
         for s in args.seeds
     }
-    results["peak_step"] = {  # the peak teacher's step, and the baseline's best over the whole run
-        str(s): json.loads((bases[s] / "branch" / "dense_peak.json").read_text())["step"] for s in args.seeds
-    }
-    results["baseline_peak_step"] = {
-        str(s): json.loads((bases[s] / "baseline" / "dense_peak.json").read_text())["step"] for s in args.seeds
-    }
+    results["peak_step"] = {str(s): _peak_step(bases[s] / "branch") for s in args.seeds}  # the peak teachers
+    results["baseline_peak_step"] = {str(s): _peak_step(bases[s] / "baseline") for s in args.seeds}
+    for s, step in results["peak_step"].items():
+        if step == args.branch - 1:
+            print(
+                f"warning: seed {s}: the dense peak is the last point before the branch: the peak and late "
+                "teachers are the same model (no degradation before the branch)"
+            )
     results_file.write_text(json.dumps(results, indent=1))
     return results
+
+
+def _peak_step(run: Path) -> int:
+    return json.loads((run / runs.DENSE_PEAK_RECORD).read_text())["step"]
 
 
 def _baseline_chain(base: Path, args: argparse.Namespace, seed: int) -> None:
@@ -193,10 +207,12 @@ def _baseline_chain(base: Path, args: argparse.Namespace, seed: int) -> None:
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def table(results: dict, args: argparse.Namespace) -> str:
+    """The probes of every model (mean ± sample sd over seeds) and the monitor's last dense score."""
     rows = ["peak", "branch", "baseline", *ARMS]
     names = {
         "peak": "baseline at its dense peak before the branch (the peak teacher)",
@@ -224,6 +240,7 @@ def table(results: dict, args: argparse.Namespace) -> str:
 
 
 def figure(results: dict, args: argparse.Namespace, path: Path) -> None:
+    """Every monitor curve of the baseline and the arms: mean and a band of ± one sample sd over seeds."""
     import matplotlib
     import numpy as np
 
@@ -236,7 +253,7 @@ def figure(results: dict, args: argparse.Namespace, path: Path) -> None:
             per_seed = [results["curves"][str(s)][name] for s in args.seeds]
             steps = [r["step"] for r in per_seed[0]]
             values = np.array([[r[key] for r in c] for c in per_seed])
-            mean, sd = values.mean(0), values.std(0)
+            mean, sd = values.mean(0), values.std(0, ddof=1 if len(per_seed) > 1 else 0)
             keep = [i for i, st in enumerate(steps) if name == "baseline" or st >= args.branch - args.monitor_every]
             xs = [steps[i] for i in keep]
             line = ax.plot(xs, mean[keep], label=name, linewidth=2 if name in ("baseline", "peak x2 refresh") else 1)
@@ -277,9 +294,9 @@ def pictures(results: dict, args: argparse.Namespace, path: Path, resolution: in
     base = args.out / f"seed{args.seeds[0]}"
     best = max(ARMS, key=lambda a: statistics.mean(results[f"{a}|{s}"]["seg mIoU"] for s in args.seeds))
     models = {
-        "the peak teacher": base / "branch" / "dense_peak.safetensors",
-        "end, no Gram": base / "baseline" / "teacher.safetensors",
-        f"end, Gram ({best})": base / best.replace(" ", "-") / "teacher.safetensors",
+        "the peak teacher": base / "branch" / runs.DENSE_PEAK,
+        "end, no Gram": base / "baseline" / runs.EXPORT,
+        f"end, Gram ({best})": base / best.replace(" ", "-") / runs.EXPORT,
     }
     crops = runs.read_config(base / "baseline")["crops"]
     scenes = [render_scene(20_000_000 + i, resolution, "val") for i in range(3)]

@@ -21,8 +21,12 @@ import json
 import statistics
 from pathlib import Path
 
+from scipy.stats import t
+
+from opendino import runs
 from opendino.train.config import load_train_config
 from opendino.train.logging import read_metrics
+from opendino.train.monitor import SCORE as DENSE
 from opendino.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +60,6 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
         [*SCHEDULE_7B, "dino_head.prototypes=32", "ibot_head.prototypes=32"],
     ),
 }
-DENSE = "monitor_seg_miou"
 CURVES = {
     "monitor_seg_miou": "segmentation mIoU (NN, dense)",
     "monitor_knn": "k-NN (k=10, global)",
@@ -68,6 +71,7 @@ CURVES = {
 
 
 def geometry(steps: int, monitor_every: int) -> list[str]:
+    """The settings every run shares: the small ViT, the crops, the run length, logging and the monitor."""
     return [
         f"model.kwargs={VIT}",
         "crops.global_size=64",
@@ -85,36 +89,56 @@ def geometry(steps: int, monitor_every: int) -> list[str]:
     ]
 
 
-def train(folder: Path, overrides: list[str]) -> list[dict]:
-    """One run (skipped when finished); the monitor's records."""
-    if not (folder / "teacher.safetensors").exists():
+def train(folder: Path, overrides: list[str], threads: int | None = None) -> list[dict]:
+    """One run of the preset with ``overrides`` (skipped when finished; ``threads``: torch threads); the
+    monitor's records."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not (folder / runs.EXPORT).exists():
         Trainer(load_train_config(PRESET, [*overrides, f"run.dir={folder}"])).run()
     return [r for r in read_metrics(folder) if DENSE in r]
 
 
 def summarize(curves: list[list[dict]]) -> dict:
-    """Mean curve over seeds; its peak; the end value and the seeds' spread there; the drop."""
+    """The verdict on one setting's seeds. The peak is the best point of the mean dense curve before its
+    last ``tail`` points (3 for long curves), whose mean per seed is the end. Each seed's drop is its value
+    at that peak step minus its end (paired), and the setting *degrades* when the mean drop is both
+    significant (one-sided t-test, 5 %, over the seeds) and larger than the seeds' spread at the end. The
+    peak is chosen on the same curves it is tested on, which favours finding a drop: treat a borderline
+    verdict as none."""
     steps = [r["step"] for r in curves[0]]
+    if any([r["step"] for r in c] != steps for c in curves):
+        raise ValueError("the seeds were monitored at different steps")
     mean = {k: [statistics.mean(c[i][k] for c in curves) for i in range(len(steps))] for k in CURVES}
-    dense = mean[DENSE]
-    peak = max(range(len(dense)), key=dense.__getitem__)
-    ends = [c[-1][DENSE] for c in curves]
-    spread = statistics.stdev(ends) if len(ends) > 1 else 0.0
-    drop = dense[peak] - dense[-1]
+    dense, tail = mean[DENSE], max(1, min(3, len(steps) // 4))
+    peak = max(range(len(steps) - tail), key=dense.__getitem__)
+    ends = [statistics.mean(r[DENSE] for r in c[-tail:]) for c in curves]
+    drops = [c[peak][DENSE] - end for c, end in zip(curves, ends, strict=True)]
+    n = len(curves)
+    spread = statistics.stdev(ends) if n > 1 else 0.0
+    drop_sd = statistics.stdev(drops) if n > 1 else 0.0
+    drop = statistics.mean(drops)
+    significant = n > 1 and (
+        drop_sd == 0 and drop > 0 or drop_sd > 0 and drop / (drop_sd / n**0.5) > t.ppf(0.95, n - 1)
+    )
     return {
         "steps": steps,
         "mean": mean,
         "peak_step": steps[peak],
         "peak": dense[peak],
-        "end": dense[-1],
+        "end": statistics.mean(ends),
         "end_spread": spread,
         "drop": drop,
-        "degrades": drop > spread and len(ends) > 1,
+        "drop_sd": drop_sd,
+        "degrades": bool(significant and drop > spread),
         "knn_start_end": (mean["monitor_knn"][0], mean["monitor_knn"][-1]),
     }
 
 
 def figure(summaries: dict[str, dict], path: Path) -> None:
+    """The mean monitor curves of every setting, one panel per curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,13 +183,13 @@ def main() -> None:
         summaries[name] = summarize(curves) | {"text": text, "overrides": overrides}
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
     print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.steps} steps; dense = NN segmentation mIoU of the monitor")
-    print("| setting | peak (step) | end ± seed spread | drop | degrades | k-NN start → end |")
+    print("| setting | peak (step) | end ± seed spread | drop ± sd (paired) | degrades | k-NN start → end |")
     print("|---|---|---|---|---|---|")
     for name, s in summaries.items():
         k0, k1 = s["knn_start_end"]
         print(
             f"| {name}: {s['text']} | {s['peak']:.3f} ({s['peak_step']}) | {s['end']:.3f} ± {s['end_spread']:.3f} "
-            f"| {s['drop']:.3f} | {'yes' if s['degrades'] else 'no'} | {k0:.3f} → {k1:.3f} |"
+            f"| {s['drop']:.3f} ± {s['drop_sd']:.3f} | {'yes' if s['degrades'] else 'no'} | {k0:.3f} → {k1:.3f} |"
         )
     if args.figure:
         figure(summaries, args.figure)

@@ -1,6 +1,6 @@
-"""Dense-quality diagnostics and the dense peak: ``SelfAttention.weights``, the monitor's patch rank,
-patch-similarity and CLS-attention-entropy keys, ``monitor.keep_peak`` (``dense_peak.safetensors`` and
-``dense_peak.json``, carried over by a continuing run) and ``gram.checkpoint=dense_peak``."""
+"""Dense-quality diagnostics and the dense peak: ``SelfAttention.attention_probs``, the monitor's patch
+rank, patch-similarity and CLS-attention-entropy keys, ``monitor.keep_peak`` (``dense_peak.safetensors``
+with its record in its metadata, carried over by a continuing run) and ``gram.checkpoint=dense_peak``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import yaml
 
 from opendino import runs
 from opendino.config import ConfigError
-from opendino.models import ConvNeXt, DinoV2VisionTransformer, DinoVisionTransformer, load_model, save_model
+from opendino.models import ConvNeXt, DinoV2VisionTransformer, DinoVisionTransformer, build_model, load_model
 from opendino.train.config import load_train_config
+from opendino.train.dense_peak import DensePeak
 from opendino.train.logging import read_metrics
 from opendino.train.monitor import SCORE, DenseMonitor, patch_diagnostics
 from opendino.train.trainer import Trainer
@@ -76,7 +77,7 @@ def _last_attention_call(model: DinoVisionTransformer, images: torch.Tensor):
     return xs[0], ropes[0], out[0]
 
 
-# -- SelfAttention.weights ------------------------------------------------------------------------------------
+# -- SelfAttention.attention_probs ------------------------------------------------------------------------------------
 
 
 def test_attention_weights_reproduce_the_fused_attention():
@@ -85,7 +86,7 @@ def test_attention_weights_reproduce_the_fused_attention():
     x, rope, out = _last_attention_call(model, torch.randn(3, 3, 32, 32))
     assert rope is not None  # the rotations are part of what the probabilities must include
     with torch.no_grad():
-        probs = attn.weights(x, rope)
+        probs = attn.attention_probs(x, rope)
         qkv = attn.qkv(x)
         _, _, v = attn._heads(qkv, rope)
         mixed = (probs @ v).transpose(1, 2).flatten(2)
@@ -148,7 +149,7 @@ def test_monitor_reports_diagnostics_and_cls_attention_entropy():
     assert patch_diagnostics(patches) == pytest.approx({k: result[k] for k in DIAGNOSTICS}, rel=1e-6)
     x, rope, _ = _last_attention_call(model, monitor.images)
     with torch.no_grad():
-        cls_rows = attn.weights(x, rope)[:, :, 0].double()  # [B, h, N]: what the CLS token reads
+        cls_rows = attn.attention_probs(x, rope)[:, :, 0].double()  # [B, h, N]: what the CLS token reads
     entropy = -(cls_rows * cls_rows.log()).sum(-1) / math.log(cls_rows.shape[-1])
     assert result[ENTROPY] == pytest.approx(entropy.mean().item(), abs=1e-5)
 
@@ -198,7 +199,22 @@ def first_run(preset, tmp_path_factory) -> Path:
 
 
 def _peak(run: Path) -> dict:
-    return json.loads((run / runs.DENSE_PEAK_RECORD).read_text())
+    record = runs.dense_peak_record(run)
+    assert json.loads((run / runs.DENSE_PEAK_RECORD).read_text()) == record  # the copy to read agrees
+    return record
+
+
+def _rewrite_peak(run: Path, state: dict[str, torch.Tensor] | None = None, **record) -> None:
+    """The run's dense peak with other weights and / or another record (step, score, monitor)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = run / runs.DENSE_PEAK
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    meta[runs.PEAK_METADATA_KEY] = json.dumps(json.loads(meta[runs.PEAK_METADATA_KEY]) | record)
+    save_file(state if state is not None else load_file(str(file)), str(file), metadata=meta)
+    (run / runs.DENSE_PEAK_RECORD).write_text(meta[runs.PEAK_METADATA_KEY])
 
 
 def _scores(*folders: Path) -> list[tuple[int, float]]:
@@ -233,7 +249,8 @@ def test_a_run_keeps_the_teacher_of_its_best_dense_score(first_run):
     assert [step for step, _ in scores] == [1, 3, 5, 7]
     assert len({s for _, s in scores}) > 1  # the scores move, so the peak is a choice
     peak = _peak(first_run)
-    assert set(peak) == {"step", SCORE}
+    assert set(peak) == {"step", SCORE, "monitor"}
+    assert peak["monitor"] == {"size": 32, "patch": 8, "n_fit": 8, "n_eval": 8}
     assert (peak["step"], peak[SCORE]) == _best(scores)
     model = load_model(first_run / runs.DENSE_PEAK)
     _assert_same_state(model.state_dict(), _teacher_at(first_run, peak["step"]))
@@ -252,7 +269,18 @@ def test_a_continuing_run_starts_from_the_peak_of_the_run_it_continues(first_run
         assert (run / runs.DENSE_PEAK).read_bytes() == (first_run / runs.DENSE_PEAK).read_bytes()
     else:
         _assert_same_state(load_model(run / runs.DENSE_PEAK).state_dict(), _teacher_at(run, peak["step"]))
-    assert _peak(first_run) == json.loads((first_run / runs.DENSE_PEAK_RECORD).read_text())  # left as it was
+    assert _peak(first_run)["step"] < 8  # left as it was
+
+
+def test_a_peak_from_another_monitor_is_not_carried(first_run, preset, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(first_run, source)
+    _rewrite_peak(source, **{SCORE: 1.0})  # unbeatable, if it were carried
+    run = tmp_path / "continued"
+    overrides = [f"run.dir={run}", f"init.from_run={source}", "train.steps=10", "monitor.n_eval=4"]
+    Trainer(load_train_config(preset, overrides)).run()
+    assert "not carrying the dense peak" in capsys.readouterr().out
+    assert _peak(run)["step"] == 9 and _peak(run)["monitor"]["n_eval"] == 4
 
 
 @pytest.mark.parametrize("carried_score", [1.0, -1.0])
@@ -260,12 +288,12 @@ def test_the_carried_peak_is_replaced_only_by_a_higher_score(first_run, preset, 
     """A carried score of 1 (the best mIoU) is never beaten; one of -1 is beaten at the first monitor point."""
     source = tmp_path / "source"
     shutil.copytree(first_run, source)
-    (source / runs.DENSE_PEAK_RECORD).write_text(json.dumps({"step": 3, SCORE: carried_score}))
+    _rewrite_peak(source, step=3, **{SCORE: carried_score})
     run = tmp_path / "continued"
     Trainer(load_train_config(preset, [f"run.dir={run}", f"init.from_run={source}", "train.steps=10"])).run()
     peak = _peak(run)
     if carried_score == 1.0:
-        assert peak == {"step": 3, SCORE: 1.0}
+        assert (peak["step"], peak[SCORE]) == (3, 1.0)
         assert (run / runs.DENSE_PEAK).read_bytes() == (source / runs.DENSE_PEAK).read_bytes()
     else:
         assert (peak["step"], peak[SCORE]) == _best(_scores(run)) and peak["step"] == 9
@@ -283,7 +311,7 @@ def test_gram_teacher_from_the_dense_peak(first_run, preset, tmp_path):
     with torch.no_grad():
         for p in peak.parameters():
             p.add_(torch.randn_like(p))
-    save_model(peak, source / runs.DENSE_PEAK)
+    _rewrite_peak(source, peak.state_dict())
     run = tmp_path / "gram"
     overrides = [f"run.dir={run}", f"init.from_run={source}", "train.steps=10", "monitor.keep_peak=false"]
     Trainer(load_train_config(preset, [*overrides, "gram.enabled=true", "gram.checkpoint=dense_peak"])).run()
@@ -298,10 +326,40 @@ def test_gram_dense_peak_without_a_peak_file_names_keep_peak(first_run, preset, 
     (source / runs.DENSE_PEAK).unlink()
     (source / runs.DENSE_PEAK_RECORD).unlink()
     gram = ["gram.enabled=true", "gram.checkpoint=dense_peak", "monitor.keep_peak=false"]
-    for init in ([f"init.from_run={source}", "train.steps=10"], []):  # a continuing stage, a fresh run
-        cfg = load_train_config(preset, [f"run.dir={tmp_path / f'gram{len(init)}'}", *init, *gram])
-        with pytest.raises(ConfigError, match="monitor.keep_peak") as error:
-            Trainer(cfg).run()
-        assert str(cfg.run.dir) in str(error.value)
-        if init:
-            assert str(source) in str(error.value)
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'gram'}", f"init.from_run={source}", *gram])
+    with pytest.raises(ConfigError, match="monitor.keep_peak") as error:
+        Trainer(cfg).run()
+    assert str(source) in str(error.value)
+    with pytest.raises(ConfigError, match="init.from_run"):  # a fresh run has no run to take a peak from
+        load_train_config(preset, [f"run.dir={tmp_path / 'fresh'}", *gram])
+
+
+def test_gram_dense_peak_later_than_the_newest_checkpoint_is_refused(first_run, preset, tmp_path):
+    """A run stopped after its peak was written but before the checkpoint that covers it."""
+    source = tmp_path / "source"
+    shutil.copytree(first_run, source)
+    newest = runs.list_checkpoints(source / runs.CHECKPOINTS)[-1][0]
+    _rewrite_peak(source, step=newest + 2)
+    gram = ["gram.enabled=true", "gram.checkpoint=dense_peak", "monitor.keep_peak=false"]
+    cfg = load_train_config(preset, [f"run.dir={tmp_path / 'gram'}", f"init.from_run={source}", *gram])
+    with pytest.raises(ConfigError, match="later than its newest checkpoint"):
+        Trainer(cfg).run()
+
+
+def test_a_new_best_waits_in_memory_for_the_next_checkpoint(tmp_path):
+    """Held, not written: a run killed before its next checkpoint keeps the peak that checkpoint knew."""
+    torch.manual_seed(0)
+    model = build_model("vit_small", embed_dim=32, depth=1, num_heads=2, patch_size=8)
+    settings = {"size": 32, "patch": 8, "n_fit": 8, "n_eval": 8}
+    peak = DensePeak(tmp_path, None, settings, print)
+    assert peak.beats(0.1)
+    held = {k: v.clone() for k, v in model.state_dict().items()}
+    peak.hold(5, 0.3, model.state_dict())
+    assert not peak.beats(0.3) and not (tmp_path / runs.DENSE_PEAK).exists()
+    with torch.no_grad():  # training goes on: the held copy must not follow the live weights
+        for p in model.parameters():
+            p.add_(1.0)
+    peak.write(model)
+    assert runs.dense_peak_record(tmp_path) == {"step": 5, SCORE: 0.3, "monitor": settings}
+    _assert_same_state(load_model(tmp_path / runs.DENSE_PEAK).state_dict(), held)
+    assert DensePeak(tmp_path, None, settings, print).best == 0.3  # a restart in the folder knows it

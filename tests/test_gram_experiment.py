@@ -22,19 +22,27 @@ def _curve(values: list[float]) -> list[dict]:
     return [{"step": 10 * i, **dict.fromkeys(gram_search.CURVES, v)} for i, v in enumerate(values)]
 
 
+RISE = [0.1, 0.2, 0.3, 0.35, 0.3, 0.25, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]  # a peak at step 30, an end of 0.2
+
+
 def test_a_curve_that_falls_beyond_the_seed_spread_degrades():
-    summary = gram_search.summarize([_curve([0.1, 0.3, 0.2]), _curve([0.1, 0.32, 0.21])])
-    assert summary["peak_step"] == 10
-    assert summary["peak"] == pytest.approx(0.31)
-    assert summary["drop"] == pytest.approx(0.31 - 0.205)
+    summary = gram_search.summarize([_curve(RISE), _curve([v + 0.01 for v in RISE]), _curve([v - 0.005 for v in RISE])])
+    assert summary["peak_step"] == 30
+    assert summary["peak"] == pytest.approx(0.35 + 0.005 / 3)
+    assert summary["drop"] == pytest.approx(0.15) and summary["drop_sd"] == pytest.approx(0.0, abs=1e-12)
     assert summary["degrades"]
 
 
 def test_a_rising_curve_or_a_drop_within_the_spread_does_not_degrade():
-    assert not gram_search.summarize([_curve([0.1, 0.2, 0.3]), _curve([0.1, 0.2, 0.31])])["degrades"]
-    noisy = gram_search.summarize([_curve([0.1, 0.3, 0.29]), _curve([0.1, 0.3, 0.2])])
-    assert noisy["drop"] < noisy["end_spread"] and not noisy["degrades"]
-    assert not gram_search.summarize([_curve([0.3, 0.1])])["degrades"]  # one seed has no spread
+    rising = [0.1 + 0.01 * i for i in range(12)]
+    assert not gram_search.summarize([_curve(rising), _curve([v + 0.01 for v in rising])])["degrades"]
+    # one seed falls, the other rises at the end: the mean falls, but not beyond the seeds' disagreement
+    other = RISE[:9] + [0.45, 0.45, 0.45]
+    noisy = gram_search.summarize([_curve(RISE), _curve(other)])
+    assert noisy["drop"] > 0 and not noisy["degrades"]
+    assert not gram_search.summarize([_curve(RISE)])["degrades"]  # one seed has no spread
+    with pytest.raises(ValueError, match="different steps"):
+        gram_search.summarize([_curve(RISE), _curve(RISE)[:-1]])
 
 
 def test_every_search_setting_and_arm_builds_a_valid_config(tmp_path):

@@ -2,17 +2,20 @@
 
 ``<run.dir>/`` holds ``config.yaml`` (the resolved configuration), ``metrics.jsonl``, ``tb/``,
 ``skipped_images.txt``, ``checkpoints/step_XXXXXXXX.pt`` (full training state, atomic writes, newest N
-kept) and, once finished, ``teacher.safetensors`` (the exported model). The trainer writes runs; the
-trainer, the recipes (a run as an initialisation, a Gram teacher or a distillation teacher) and the
-evaluation suite read them through this module only. docs/design/run-folder.md describes the lifecycle.
+kept), with ``monitor.keep_peak`` ``dense_peak.safetensors`` and, once finished, ``teacher.safetensors``
+(the exported model). The trainer writes runs; the trainer, the recipes (a run as an initialisation, a
+Gram teacher or a distillation teacher) and the evaluation suite read them through this module only.
+docs/design/run-folder.md describes the lifecycle.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,9 @@ import yaml
 from torch import Tensor, nn
 
 CONFIG, METRICS, CHECKPOINTS, EXPORT = "config.yaml", "metrics.jsonl", "checkpoints", "teacher.safetensors"
-# the monitored backbone at the best dense score, and its step and score (train/monitor.py, DensePeak)
-DENSE_PEAK, DENSE_PEAK_RECORD = "dense_peak.safetensors", "dense_peak.json"
+# the monitored backbone at the best dense score (train/dense_peak.py), its record in its own metadata
+# (so that weights and record cannot disagree) and a copy of the record for people
+DENSE_PEAK, DENSE_PEAK_RECORD, PEAK_METADATA_KEY = "dense_peak.safetensors", "dense_peak.json", "opendino_dense_peak"
 TENSORBOARD, SKIPPED = "tb", "skipped_images.txt"
 # Where the recipe keeps the exported model inside its state dict, for checkpoints written before a
 # checkpoint recorded it (every run of the SSL recipe: its EMA teacher's backbone).
@@ -38,6 +42,31 @@ class CheckpointWriteError(OSError):
 
 def is_run(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, then the temporary file renamed onto ``path``: a crash leaves the old file or the new
+    one, never a part; a failed write removes its temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def dense_peak_record(run: str | Path) -> dict | None:
+    """``{"step", "monitor_seg_miou", "monitor"}`` of a run folder's dense peak (``monitor.keep_peak``), read
+    from the weights file's metadata; None when the run has none."""
+    from safetensors import safe_open
+
+    file = Path(run) / DENSE_PEAK
+    if not file.exists():
+        return None
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[PEAK_METADATA_KEY]) if PEAK_METADATA_KEY in meta else None
 
 
 def read_config(run: str | Path) -> dict:

@@ -13,7 +13,6 @@ chunk it was on; a chunk whose json exists is done. Extraction is ``opendino ext
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch import nn
 from opendino.curate.descriptors import THUMBNAIL_SIDE, copy_descriptors
 from opendino.data.sources import ImageSource
 from opendino.eval.features import extract_features
+from opendino.runs import write_atomic
 
 EMBEDDINGS = "embeddings"
 
@@ -31,12 +31,6 @@ EMBEDDINGS = "embeddings"
 def _save(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
         np.save(f, array)
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def embed_pool(
@@ -90,15 +84,15 @@ def embed_pool(
                 raise
             vectors, feats, kept = np.zeros((0, 0), np.float16), None, []
             thumbs = np.zeros((0, THUMBNAIL_SIDE**2), np.float16)
-        _write_atomic(folder / f"{i:05d}.npy", lambda p, v=vectors: _save(p, v))
-        _write_atomic(folder / f"{i:05d}.thumb.npy", lambda p, v=thumbs: _save(p, v))
+        write_atomic(folder / f"{i:05d}.npy", lambda p, v=vectors: _save(p, v))
+        write_atomic(folder / f"{i:05d}.thumb.npy", lambda p, v=thumbs: _save(p, v))
         meta = {
             "records": kept,
             "paths": [source.path(q) for q in kept],
             "hashes": [h for h, _ in feats.descriptions] if feats is not None else [],
             "skipped": feats.skipped if feats is not None else [source.path(q) for q in indices],
         }
-        _write_atomic(folder / f"{i:05d}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
+        write_atomic(folder / f"{i:05d}.json", lambda p, m=meta: p.write_text(json.dumps(m)))
     return len(todo)
 
 

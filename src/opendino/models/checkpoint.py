@@ -300,9 +300,12 @@ def _materialise(model: nn.Module, state: Mapping[str, Tensor], source: str, dev
     return model
 
 
-def save_model(model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+def save_model(
+    model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None, metadata: dict[str, str] | None = None
+) -> None:
     """Writes a backbone as safetensors with its constructor arguments in the metadata; ``state``: its
-    weights when they are not ``model.state_dict()`` (a sharded model's gathered full state)."""
+    weights when they are not ``model.state_dict()`` (a sharded model's gathered full state); ``metadata``:
+    more string entries for the file's metadata."""
     from safetensors.torch import save_file
 
     meta = {"family": model.family, "kwargs": model.model_kwargs, "name": getattr(model, "spec", None)}
@@ -310,7 +313,7 @@ def save_model(model: nn.Module, path: str | Path, state: dict[str, Tensor] | No
     # clone(): safetensors refuses tensors that share memory (ConvNeXt's norm / norms.3 pair).
     state = {k: v.detach().cpu().clone() for k, v in (model.state_dict() if state is None else state).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    save_file(state, str(path), metadata={**(metadata or {}), METADATA_KEY: json.dumps(meta)})
     # safetensors writes 0600; a model is shared like any other file the user writes
     umask = os.umask(0)
     os.umask(umask)

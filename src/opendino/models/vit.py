@@ -127,7 +127,7 @@ class SelfAttention(nn.Module):
         q, k, v = self._heads(qkv, rope)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
-    def weights(self, x: Tensor, rope: Rope, queries: int | None = None) -> Tensor:
+    def attention_probs(self, x: Tensor, rope: Rope, queries: int | None = None) -> Tensor:
         """The attention probabilities ``[B, h, Q, N]`` of the first ``queries`` (default: all N) of the
         (normalised) tokens ``x`` ``[B, N, D]``: what the fused kernel computes without showing, for
         diagnostics."""

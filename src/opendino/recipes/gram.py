@@ -29,8 +29,9 @@ class GramConfig:
 
     enabled: bool = False  # add the Gram anchoring loss (a stage of its own, docs/design/recipe.md §2.6)
     loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
-    # The Gram teacher: a backbone file or run folder, or `dense_peak`: the EMA teacher at the dense
-    # monitor's best score (monitor.keep_peak) of this run or the run it continues; default: the EMA teacher
+    # The Gram teacher: a backbone file or run folder, or `dense_peak`: the EMA teacher at the best dense
+    # monitor score of the run this stage continues (init.from_run, run with monitor.keep_peak); default: the
+    # EMA teacher
     checkpoint: str | None = None
     # Not used by the official configs: no Gram teacher network, the EMA teacher's own patch features of
     # the (unmasked) global crops are the targets; no Gram crops are made.

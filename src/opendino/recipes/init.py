@@ -50,16 +50,23 @@ def start_gram_teacher(recipe: Recipe) -> None:
 
 
 def dense_peak_file(cfg: TrainConfig) -> Path:
-    """The dense-peak backbone (train/monitor.py, ``DensePeak``) of the run this one continues, else of
-    this run: the former first, since this run's own copy moves on with its monitor."""
-    folders = [*([Path(cfg.init.from_run)] if cfg.init.from_run else []), Path(cfg.run.dir)]
-    for folder in folders:
-        if (folder / runs.DENSE_PEAK).exists():
-            return folder / runs.DENSE_PEAK
-    raise ConfigError(
-        f"gram.checkpoint={PEAK_TEACHER}: no {runs.DENSE_PEAK} in {' or '.join(map(str, folders))}; the run that "
-        "reaches the peak needs monitor.every > 0 and monitor.keep_peak=true"
-    )
+    """The dense peak (train/dense_peak.py) of the run this stage continues (``init.from_run``), checked to
+    be no later than that run's newest checkpoint: the stage starts there, and a later peak would come
+    from steps it never saw."""
+    folder = Path(cfg.init.from_run)
+    record = runs.dense_peak_record(folder)
+    if record is None:
+        raise ConfigError(
+            f"gram.checkpoint={PEAK_TEACHER}: {folder} has no {runs.DENSE_PEAK}; the run that reaches the peak "
+            "needs monitor.every > 0 and monitor.keep_peak=true"
+        )
+    saved = runs.list_checkpoints(folder / runs.CHECKPOINTS)
+    if saved and record["step"] > saved[-1][0]:
+        raise ConfigError(
+            f"the dense peak of {folder} (step {record['step']}) is later than its newest checkpoint (step "
+            f"{saved[-1][0]}): it was stopped after the peak; resume it before continuing it"
+        )
+    return folder / runs.DENSE_PEAK
 
 
 def _from_run(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:

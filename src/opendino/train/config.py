@@ -23,7 +23,7 @@ from opendino.recipes.config import (
     LossConfig,
     ModelConfig,
 )
-from opendino.recipes.gram import GramConfig
+from opendino.recipes.gram import PEAK_TEACHER, GramConfig
 from opendino.recipes.ijepa import IJEPAConfig
 from opendino.recipes.text import TextConfig
 from opendino.schedules import LOOP_SCHEDULES, SCALING_RULES, ScheduleSpec
@@ -174,6 +174,10 @@ class TrainConfig:
             check = getattr(getattr(self, f.name), "check", None)
             if check is not None:
                 check()
+        if self.gram.checkpoint == PEAK_TEACHER and not self.init.from_run:
+            raise ConfigError(
+                f"gram.checkpoint={PEAK_TEACHER} reads the peak of the run this stage continues: set init.from_run"
+            )
         if self.monitor.every % self.log.every:
             raise ConfigError(f"monitor.every={self.monitor.every} must be a multiple of log.every={self.log.every}")
         recipe = recipe_class(self.train.recipe)

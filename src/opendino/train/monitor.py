@@ -18,27 +18,21 @@ of the uniform entropy (near 1: it averages everything; low: it reads a few patc
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from opendino import runs
 from opendino.data.augment import normalize
 from opendino.data.synthetic import CLASSES, render_scene
 from opendino.losses import gram_loss
-from opendino.models import save_model
 from opendino.models.vit import global_feature
 from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
 N_SEG_CLASSES = len(CLASSES) + 1  # background + shapes
-SCORE = "monitor_seg_miou"  # the dense score whose best point DensePeak keeps
+SCORE = "monitor_seg_miou"  # the dense score whose best point train/dense_peak.py keeps
 
 
 class DenseMonitor:
@@ -93,7 +87,7 @@ def patch_diagnostics(patches: Tensor) -> dict[str, float]:
     """Effective rank of the ``[N, P, D]`` patch features, and the mean and spread of the patch-to-patch
     cosine similarities within each image (diagonal excluded)."""
     flat = F.normalize(patches.flatten(0, 1).double(), dim=-1)
-    s = torch.linalg.svdvals(flat)
+    s = torch.linalg.eigvalsh(flat.t() @ flat).clamp_min(0).sqrt()  # singular values from the D x D Gram
     p = s / s.sum()
     rank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()).item()
     off_diagonal = ~torch.eye(patches.shape[1], dtype=torch.bool)
@@ -111,12 +105,12 @@ def patch_diagnostics(patches: Tensor) -> dict[str, float]:
 
 class _LastAttention:
     """Catches the input of the last block's attention during one forward (a pre-hook) and computes its
-    probabilities; for backbones whose attention exposes ``weights`` (the DINOv3 ViT), else nothing."""
+    probabilities; for backbones whose attention exposes ``attention_probs`` (the DINOv3 ViT), else nothing."""
 
     def __init__(self, backbone: nn.Module) -> None:
         blocks = getattr(backbone, "blocks", None)
         attn = getattr(blocks[-1], "attn", None) if blocks else None
-        self.attn = attn if hasattr(attn, "weights") else None
+        self.attn = attn if hasattr(attn, "attention_probs") else None
         self.probs: Tensor | None = None
         self.handle = None
 
@@ -131,7 +125,7 @@ class _LastAttention:
 
     def _catch(self, module: nn.Module, args: tuple) -> None:
         xs, ropes = args
-        self.probs = module.weights(xs[0], ropes[0], queries=1).float()  # [B, h, 1, N]: the CLS row
+        self.probs = module.attention_probs(xs[0], ropes[0], queries=1).float()  # [B, h, 1, N]: the CLS row
 
     def cls_entropy(self) -> float:
         """Entropy of the CLS token's attention row over the N tokens, divided by log N (mean over images
@@ -139,47 +133,3 @@ class _LastAttention:
         row = self.probs[:, :, 0]  # [B, h, N]
         entropy = -(row * torch.log(row.clamp_min(1e-12))).sum(-1)
         return (entropy / math.log(row.shape[-1])).mean().item()
-
-
-class DensePeak:
-    """Keeps the monitored backbone of the best dense score so far (``monitor.keep_peak``): the file
-    ``dense_peak.safetensors`` of the run folder, with ``dense_peak.json`` saying its step and score. A
-    Gram teacher taken from it (``gram.checkpoint=dense_peak``) is the model from before the dense
-    degradation, found by the monitor rather than by a hand-picked step. A run that continues another
-    (``init.from_run``) starts from the other's peak, so that the peak is the best of the whole chain.
-    Written atomically; a resumed run recomputes the same scores, so the file ends as in an uninterrupted
-    run."""
-
-    FILE, RECORD = runs.DENSE_PEAK, runs.DENSE_PEAK_RECORD
-
-    def __init__(self, run_dir: Path, continued: str | None) -> None:
-        self.run_dir = Path(run_dir)
-        self.best = -math.inf
-        for folder in (self.run_dir, *([Path(continued)] if continued else [])):
-            if (folder / self.RECORD).exists() and (folder / self.FILE).exists():
-                self.best = json.loads((folder / self.RECORD).read_text())[SCORE]
-                if folder != self.run_dir:  # the chain's peak so far becomes this run's
-                    self.run_dir.mkdir(parents=True, exist_ok=True)
-                    for name in (self.FILE, self.RECORD):
-                        _atomic_copy(folder / name, self.run_dir / name)
-                break
-
-    def beats(self, record: dict) -> bool:
-        return record[SCORE] > self.best
-
-    def save(self, step: int, record: dict, backbone: nn.Module, state: dict[str, Tensor] | None, write: bool) -> None:
-        """``backbone`` (its full ``state`` when sharded) becomes the peak; ``write``: on the main rank."""
-        self.best = record[SCORE]
-        if write:
-            tmp = self.run_dir / f".{self.FILE}.tmp"
-            save_model(backbone, tmp, state=state)
-            os.replace(tmp, self.run_dir / self.FILE)
-            text = json.dumps({"step": step, SCORE: record[SCORE]})
-            (self.run_dir / f".{self.RECORD}.tmp").write_text(text)
-            os.replace(self.run_dir / f".{self.RECORD}.tmp", self.run_dir / self.RECORD)
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)

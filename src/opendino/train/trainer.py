@@ -31,6 +31,7 @@ from ..models import save_model
 from ..recipes import recipe_class
 from ..schedules import LOOP_SCHEDULES, build_schedules, scale_lr
 from .config import WHOLE_VALUES, TrainConfig, student_configs
+from .dense_peak import DensePeak
 from .distributed import (
     DistributedEnv,
     close_distributed,
@@ -40,7 +41,7 @@ from .distributed import (
     sum_over_ranks,
 )
 from .logging import MetricsLog, SkippedImagesLog
-from .monitor import DenseMonitor, DensePeak
+from .monitor import SCORE, DenseMonitor
 from .optim import apply_schedules, build_optimizer
 from .parallel import parallelize
 from .rng import MemberStreams
@@ -232,9 +233,10 @@ class Trainer:
                 size, patch, cfg.crops.mean, cfg.crops.std, cfg.monitor.n_fit, cfg.monitor.n_eval
             )
             if cfg.monitor.keep_peak:
+                settings = {"size": size, "patch": patch, "n_fit": cfg.monitor.n_fit, "n_eval": cfg.monitor.n_eval}
                 for m in members:
                     continued = m.cfg.init.from_run if m.cfg.init.from_mode == "continue" else None
-                    m.peak = DensePeak(m.run_dir, continued if env.is_main else None)
+                    m.peak = DensePeak(m.run_dir, continued, settings, m.say) if env.is_main else None
         if (warning := cfg.past_schedules_warning()) and env.is_main:
             print(warning)
         if start >= cfg.total_steps and env.is_main:
@@ -282,16 +284,28 @@ class Trainer:
         """Every member's finite flags read (a diverged run stops before it is saved), then its checkpoint."""
         for member in self.members:
             member.read_pending_flags()
+            self.write_peak(member)
             member.save(step)
 
+    def write_peak(self, member: Member) -> None:
+        """The member's held dense peak written before its checkpoint; a failed write stops every rank."""
+        error = None
+        if member.peak is not None:
+            try:
+                member.peak.write(member.recipe.monitored()[0])
+            except OSError as e:
+                error = e
+        if self.cfg.monitor.keep_peak and sum_over_ranks(int(error is not None), self.device):
+            raise error or OSError(f"rank 0 could not write the dense peak of {member.run_dir}")
+
     def keep_peak(self, member: Member, step: int, record: dict) -> None:
-        """The monitored backbone saved as the member's dense peak when ``record`` beats it (decided on rank
-        0's score: every rank must agree, since gathering a sharded state takes all of them)."""
-        beats = sum_over_ranks(int(self.env.is_main and member.peak.beats(record)), self.device)
+        """A new best dense score (rank 0's decides: every rank takes part in gathering a sharded state)
+        is held by the member's peak until its next checkpoint."""
+        beats = sum_over_ranks(int(member.peak is not None and member.peak.beats(record[SCORE])), self.device)
         if beats:
-            backbone = member.recipe.monitored()[0]
-            state = get_model_state_dict(backbone, options=FULL_STATE)
-            member.peak.save(step, record, backbone, state, write=self.env.is_main)
+            state = get_model_state_dict(member.recipe.monitored()[0], options=FULL_STATE)
+            if member.peak is not None:
+                member.peak.hold(step, record[SCORE], state)
 
     def log_window(self, step: int, results: list[StepResult], bar: tqdm) -> None:
         """The records of a logging point: every member's metrics since the last one (on the main rank),
@@ -310,7 +324,7 @@ class Trainer:
                 # on every rank: a sharded model needs all of them for its forward
                 if self.monitor is not None:
                     record.update(self.monitor(*member.recipe.monitored()))
-                    if member.peak is not None:
+                    if self.cfg.monitor.keep_peak:
                         self.keep_peak(member, step, record)
                 record.update(member.recipe.evaluate(step))
             if member.log is not None:
