@@ -34,7 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gram_search import CURVES, DENSE, SETTINGS, geometry, train  # noqa: E402
+from gram_search import CURVES, DENSE, SETTINGS, geometry, summarize, train  # noqa: E402
 
 from opendino import runs  # noqa: E402
 from opendino.recipes.gram import PEAK_TEACHER  # noqa: E402
@@ -185,6 +185,8 @@ def run_all(args: argparse.Namespace) -> dict:
         }
         for s in args.seeds
     }
+    baseline_curves = [results["curves"][str(s)]["baseline"] for s in args.seeds]
+    results["baseline_verdict"] = {k: v for k, v in summarize(baseline_curves).items() if k != "mean"}
     results["peak_step"] = {str(s): _peak_step(bases[s] / "branch") for s in args.seeds}  # the peak teachers
     results["baseline_peak_step"] = {str(s): _peak_step(bases[s] / "baseline") for s in args.seeds}
     for s, step in results["peak_step"].items():
@@ -236,6 +238,28 @@ def table(results: dict, args: argparse.Namespace) -> str:
             mon = ""
         cells = " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in stats)
         lines.append(f"| {names.get(row, 'Gram: ' + row)} | {cells} | {mon} |")
+    # Each arm against the baseline of its own seed (both continue the same branch point): paired differences.
+    lines += ["", "| Gram arm − baseline, same seed | " + " | ".join(METRICS) + " | monitor seg (end) |"]
+    lines.append("|---" * (len(METRICS) + 2) + "|")
+    for row in ARMS:
+        diffs = [
+            _mean_sd([results[f"{row}|{s}"][m] - results[f"baseline|{s}"][m] for s in args.seeds]) for m in METRICS
+        ]
+        end = _mean_sd(
+            [
+                results["curves"][str(s)][row][-1][DENSE] - results["curves"][str(s)]["baseline"][-1][DENSE]
+                for s in args.seeds
+            ]
+        )
+        cells = " | ".join(f"{m:+.3f} ± {sd:.3f}" for m, sd in [*diffs, end])
+        lines.append(f"| {row} | {cells} |")
+    v = results["baseline_verdict"]
+    lines += [
+        "",
+        f"Baseline monitor curve (mean of seeds): peak {v['peak']:.3f} at step {v['peak_step']}, end (last "
+        f"points) {v['end']:.3f} ± {v['end_spread']:.3f}, paired drop {v['drop']:.3f} ± {v['drop_sd']:.3f}: "
+        f"{'degrades' if v['degrades'] else 'does not degrade'} by the rule of benchmarks/gram_search.py",
+    ]
     return "\n".join(lines)
 
 
