@@ -176,8 +176,11 @@ def run_all(args: argparse.Namespace) -> dict:
             for key in todo[jobs[job]]:
                 results[key] = job.result()
             results_file.write_text(json.dumps(results, indent=1))  # a crash keeps the probes done
-    results["seconds"] = {"train": train_seconds + results.get("seconds", {}).get("train", 0.0)}
-    results["seconds"]["total"] = time.perf_counter() - start + results.get("seconds", {}).get("total", 0.0)
+    before = results.get("seconds", {})  # a rerun adds its own time to what the earlier ones spent
+    results["seconds"] = {
+        "train": train_seconds + before.get("train", 0.0),
+        "total": time.perf_counter() - start + before.get("total", 0.0),
+    }
     results["curves"] = {
         str(s): {
             "baseline": curve(bases[s] / "early", bases[s] / "branch", bases[s] / "baseline"),
