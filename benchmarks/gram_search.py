@@ -183,13 +183,19 @@ def main() -> None:
         summaries[name] = summarize(curves) | {"text": text, "overrides": overrides}
     (args.out / "summary.json").write_text(json.dumps(summaries, indent=1))
     print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.steps} steps; dense = NN segmentation mIoU of the monitor")
-    print("| setting | peak (step) | end ± seed spread | drop ± sd (paired) | degrades | k-NN start → end |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| setting | monitor seg: peak (step) | end ± seed spread | drop ± sd (paired) | CLS-patch cos, first → last "
+        "| patch rank, max → last | k-NN, first → last | degrades |"
+    )
+    print("|---" * 8 + "|")
     for name, s in summaries.items():
-        k0, k1 = s["knn_start_end"]
+        m = s["mean"]
+        cos, rank, knn = m["monitor_cls_patch_cos"], m["monitor_patch_rank"], m["monitor_knn"]
+        verdict = ("yes" if s["degrades"] else "no") if len(args.seeds) > 1 else "needs seeds"
         print(
-            f"| {name}: {s['text']} | {s['peak']:.3f} ({s['peak_step']}) | {s['end']:.3f} ± {s['end_spread']:.3f} "
-            f"| {s['drop']:.3f} ± {s['drop_sd']:.3f} | {'yes' if s['degrades'] else 'no'} | {k0:.3f} → {k1:.3f} |"
+            f"| `{name}`: {s['text']} | {s['peak']:.3f} ({s['peak_step']}) | {s['end']:.3f} ± {s['end_spread']:.3f} "
+            f"| {s['drop']:.3f} ± {s['drop_sd']:.3f} | {cos[0]:.2f} → {cos[-1]:.2f} | {max(rank):.1f} → {rank[-1]:.1f} "
+            f"| {knn[0]:.2f} → {knn[-1]:.2f} | {verdict} |"
         )
     if args.figure:
         figure(summaries, args.figure)
