@@ -18,7 +18,6 @@ from opendino.runs import load_backbone, newest_state, prefixed
 if TYPE_CHECKING:
     from opendino.recipes.base import Recipe
     from opendino.recipes.ssl import SSLRecipe
-    from opendino.train.config import TrainConfig
 
 
 def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict | None]:
@@ -43,17 +42,17 @@ def start_gram_teacher(recipe: Recipe) -> None:
     if recipe.cfg.gram.checkpoint:
         source = recipe.cfg.gram.checkpoint
         if source == PEAK_TEACHER:
-            source = str(dense_peak_file(recipe.cfg))
+            source = str(dense_peak_file(recipe.cfg.init.from_run))
         recipe.gram_teacher.load_state_dict(load_backbone(source, "gram.checkpoint").state_dict())
     else:
         recipe.gram.refresh()
 
 
-def dense_peak_file(cfg: TrainConfig) -> Path:
+def dense_peak_file(from_run: str) -> Path:
     """The dense peak (train/dense_peak.py) of the run this stage continues (``init.from_run``), checked to
     be no later than that run's newest checkpoint: the stage starts there, and a later peak would come
     from steps it never saw."""
-    folder = Path(cfg.init.from_run)
+    folder = Path(from_run)
     record = runs.dense_peak_record(folder)
     if record is None:
         raise ConfigError(

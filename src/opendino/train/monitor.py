@@ -105,7 +105,8 @@ def patch_diagnostics(patches: Tensor) -> dict[str, float]:
 
 class _LastAttention:
     """Catches the input of the last block's attention during one forward (a pre-hook) and computes its
-    probabilities; for backbones whose attention exposes ``attention_probs`` (the DINOv3 ViT), else nothing."""
+    probabilities; for backbones whose attention exposes ``attention_probs`` (the DINOv3 and DINOv2 ViTs), else
+    nothing."""
 
     def __init__(self, backbone: nn.Module) -> None:
         blocks = getattr(backbone, "blocks", None)
