@@ -125,6 +125,35 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from opendino.data.sources import IMAGE_EXTENSIONS, open_source
+    from opendino.data.stats import channel_stats, format_report, low_range_warning
+
+    if args.channels < 1 or args.max_images < 1:
+        raise UsageError(f"--channels {args.channels} / --max-images {args.max_images}: need both >= 1")
+    try:
+        source = open_source(args.path)
+    except (FileNotFoundError, ValueError) as e:  # ValueError: not a source (a ConfigError is one too)
+        raise UsageError(str(e)) from None
+    if not len(source):
+        raise UsageError(f"{args.path}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    source.set_channels(args.channels)
+    stats = channel_stats(source, args.max_images, args.seed)
+    if not stats.images:
+        path, reason = stats.skipped[0]
+        raise UsageError(
+            f"{args.path}: none of the {len(stats.skipped)} images read decodes to {args.channels} channels "
+            f"(--channels); first: {path} ({reason})"
+        )
+    print(format_report(stats))
+    if stats.low_range:
+        print(low_range_warning(stats), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _train_config(args: argparse.Namespace):
     """The run configuration of ``CONFIG [overrides]``; a bad key or value is a usage error (exit 2)."""
     from opendino.config import ConfigError
@@ -218,6 +247,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if args.model not in MODELS:
             raise UsageError(f"{args.model!r} is neither a run folder, a checkpoint file nor a known model")
+    from opendino.eval.suite import PIXELS
+    from opendino.models import MODELS
+
+    for baseline in args.baseline or ():
+        if baseline != PIXELS and baseline not in MODELS and not Path(baseline).exists():
+            raise UsageError(
+                f"--baseline {baseline}: neither {PIXELS}, a run folder, a checkpoint file nor a known model"
+            )
     results = evaluate(
         args.model,
         data=args.data,
@@ -230,28 +267,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         classnames=args.classnames,
         templates=args.templates,
+        baselines=args.baseline or (),
     )
-    from opendino.eval.report import SETTINGS, chance
+    from opendino.eval.report import SETTINGS, baseline_labels, chance, difference
 
-    print(f"\n{'task':<9} {'metric':<17} {'trained':>9} {'random init':>12} {'chance':>8}")
+    labels = baseline_labels(results)  # one column per baseline, then one trained-<baseline> per baseline
+    widths = {k: max(9, len(label)) for k, label in labels.items()}
+    diff_widths = {k: max(15, len(label) + 8) for k, label in labels.items()}
+    head = "".join(f" {labels[k]:>{widths[k]}}" for k in labels)
+    head_diffs = "".join(f" {'trained-' + labels[k]:>{diff_widths[k]}}" for k in labels)
+    print(f"\n{'task':<9} {'metric':<17} {'trained':>9} {'random init':>12}{head} {'chance':>8}{head_diffs}")
     for task in tasks:
         row = results["trained"][task]
         for metric, value in row.items():
             if isinstance(value, float) and metric not in SETTINGS and not metric.startswith("chance_"):
                 level = chance(row, metric)
                 shown = "" if level is None else f"{level:.4f}"
-                print(f"{task:<9} {metric:<17} {value:>9.4f} {results['random_init'][task][metric]:>12.4f} {shown:>8}")
+                cells, diffs = "", ""
+                for k in labels:
+                    other = results[k][task].get(metric)
+                    d = difference(value, other, metric)
+                    cells += f" {'skipped' if other is None else f'{other:.4f}':>{widths[k]}}"
+                    diffs += f" {'-' if d is None else f'{d[0]:+.4f} {d[1]}':>{diff_widths[k]}}"
+                line = f"{task:<9} {metric:<17} {value:>9.4f} {results['random_init'][task][metric]:>12.4f}{cells}"
+                print(f"{line} {shown:>8}{diffs}")
         if "skipped" in row:
             print(f"{task:<9} skipped: {row['skipped']}")
+    for k in labels:
+        about = results["meta"]["baseline_info"][k]
+        print(f"{labels[k]}: {about['source']}" + ("" if k != PIXELS else " (the resized raw pixels: the floor)"))
     print(f"\nreport: {results['meta']['report']}")
     return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from opendino.data.sources import NoImagesError, decode_image, list_images
+    from opendino.data.sources import ChannelMismatchError, NoImagesError, decode_image, list_images
     from opendino.eval.features import eval_transform
     from opendino.eval.suite import resolve_model
     from opendino.eval.visualize import picture
+    from opendino.models.channels import input_channels
 
     model, info = resolve_model(args.model)
     res = args.resolution or info["resolution"]
@@ -267,15 +321,27 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             point = tuple(int(v) for v in args.patch.split(","))
         except ValueError:
             raise UsageError(f"--patch {args.patch}: give ROW,COL of the patch grid") from None
+    view = None
+    if args.view:
+        try:
+            view = tuple(int(v) for v in args.view.split(","))
+        except ValueError:
+            raise UsageError(f"--view {args.view}: give R,G,B channel indices, e.g. 3,2,1") from None
+    channels = input_channels(model)
+    if view is not None and (len(view) != 3 or any(not 0 <= c < channels for c in view)):
+        raise UsageError(f"--view {args.view}: give 3 indices of the model's {channels} input channels")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(res, info["mean"], info["std"])
     for path in paths:
-        image = decode_image(path)
+        try:
+            image = decode_image(path, channels=channels)
+        except ChannelMismatchError as e:
+            raise UsageError(str(e)) from None
         if image is None:
             print(f"skipped (unreadable): {path}", file=sys.stderr)
             continue
-        picture(model, image, transform, res, point, args.foreground).save(out / f"{Path(path).stem}.png")
+        picture(model, image, transform, res, point, args.foreground, view).save(out / f"{Path(path).stem}.png")
     print(f"wrote {len(paths)} pictures (input | PCA | similarity) to {out}")
     return 0
 
@@ -418,6 +484,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="the world's seed: scenes follow from (seed, split, index)")
     q.add_argument("--pairs", action="store_true", help="also a second view and its correspondences")
     q.set_defaults(func=cmd_data)
+    q = data_sub.add_parser(
+        "stats",
+        help="per-channel mean and std of a data set, as crops.mean / crops.std overrides",
+        description="Read up to --max-images images of PATH (a seeded random subset when it holds more), "
+        "decoded as training decodes them (8 bits per channel, --channels channels; docs/data.md, Images with "
+        "more or fewer than three channels), and print per channel the mean and standard deviation of pixel / "
+        "255 over every pixel read (what crops.mean and crops.std take), the lowest and highest 8-bit level, "
+        "the number of images read and skipped (unreadable, or with another channel count), the range of "
+        "image sizes, and a ready-to-paste override line `crops.mean=[...] crops.std=[...]` (with "
+        "`model.in_chans=N` when --channels is not 3). Formats: every image PIL reads, .npy / .npz arrays "
+        "and TIFFs with any number of channels; values of more than 8 bits are mapped to 8 bits by one rule per "
+        "image (uint16 above 255: divided by 65535), and a warning says so when every channel spans at most "
+        "1/16 of the 8-bit range (e.g. 12-bit data stored as 16-bit). Exit code 2 when PATH holds no image "
+        "that decodes to --channels channels.",
+    )
+    q.add_argument("path", help="anything data.path takes: a folder, a .txt/.csv/.tsv list, .tar shards, a mix .yaml")
+    q.add_argument(
+        "--channels",
+        type=int,
+        default=3,
+        help="channels to decode every image to (the model's model.in_chans); a one-channel image is repeated "
+        "into RGB for 3, other counts are skipped (default: %(default)s, RGB)",
+    )
+    q.add_argument("--max-images", type=int, default=2000, help="read at most this many images (default: %(default)s)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random subset (default: %(default)s)")
+    q.add_argument("--json", metavar="FILE", help="also write the statistics to FILE as JSON")
+    q.set_defaults(func=cmd_data_stats)
 
     p = sub.add_parser(
         "train",
@@ -504,6 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=int, default=500, help="synthetic validation scenes (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=None,
+        metavar="MODEL|pixels",
+        help="also evaluate this model (run folder, checkpoint file or registered name; its own normalisation) "
+        "or the raw pixels at the same resolution through the same probes, with the difference trained - "
+        "baseline of every metric; repeatable",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -518,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--patch", default=None, help="ROW,COL of the reference patch (default: the centre)")
     p.add_argument("--foreground", action="store_true", help="PCA of the foreground patches only")
+    p.add_argument(
+        "--view",
+        default=None,
+        help="R,G,B: the image channels shown as red, green and blue (images of more or fewer than 3 channels; "
+        "default: the first three, or the only one as grey)",
+    )
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser(

@@ -9,9 +9,15 @@ Two stages so that the expensive part can run where there is compute:
    sigma U(0.1, 2)), solarize (threshold 128) and normalisation, each with per-crop random parameters.
 
 The blur probabilities are those the released models were trained with (dinov3 issue #286): global crop 1
-never, global crop 2 with 0.9 (then solarize with 0.2), local crops 0.5. ``MultiCrop.__call__`` runs both
-stages on one image, for per-sample use in workers; the training loop can instead collate the uint8 crops
-and call ``MultiCrop.photometric`` on the whole batch on the GPU.
+never, global crop 2 with 0.9 (then solarize with 0.2), local crops 0.5.
+
+Images with other than three channels (multispectral, microscopy) keep the operations that mean the same
+for any channel: brightness, contrast (towards the mean over all channels), blur and solarize, each
+applied to every channel alike. Saturation, hue and grayscale are colour operations of RGB and are
+skipped; their random draws still happen, so every crop draws the same numbers whatever its channels.
+
+``MultiCrop.__call__`` runs both stages on one image, for per-sample use in workers; the training loop
+can instead collate the uint8 crops and call ``MultiCrop.photometric`` on the whole batch on the GPU.
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ class CropConfig:
     horizontal_flips: bool = True
     gram_size: int | None = None  # Gram-teacher crops (e.g. 2x the global size), from the same base crop
     gram_no_distortions: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one value per channel
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 CropBox = tuple[int, int, int, int, bool]  # top, left, height, width, flipped
@@ -115,7 +121,7 @@ class MultiCrop:
         return torch.tensor(boxes, dtype=torch.int64)
 
     def geometric(self, img: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """uint8 ``[3, H, W]`` -> uint8 ``global [2, 3, S, S]``, ``local [n, 3, s, s]`` (+ ``gram``)."""
+        """uint8 ``[C, H, W]`` -> uint8 ``global [2, C, S, S]``, ``local [n, C, s, s]`` (+ ``gram``)."""
         c = self.config
         boxes = self.crop_boxes(*img.shape[-2:], generator)
         bases = torch.stack([_apply_box(img, box, self.base_size) for box in boxes[:2]])
@@ -246,14 +252,27 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(x / 255 - mean) / std`` per channel, for any number of channels (one value of each per channel)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
-    m = torch.tensor(mean, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(3, 1, 1)
+    if not len(mean) == len(std) == x.shape[-3]:
+        raise ValueError(
+            f"normalisation: {len(mean)} mean and {len(std)} std values for images of {x.shape[-3]} channels: "
+            "give one per channel (crops.mean / crops.std; `opendino data stats PATH` measures them)"
+        )
+    m = torch.tensor(mean, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(-1, 1, 1)
     return (x - m) / s
 
 
 # -- batched photometric operations with per-sample parameters --------------------------------------------
+def _is_rgb(x: Tensor) -> bool:
+    return x.shape[1] == 3
+
+
 def _gray(x: Tensor) -> Tensor:
+    """Luminance of RGB crops; the mean over the channels of others (the reference of contrast)."""
+    if not _is_rgb(x):
+        return x.mean(1, keepdim=True)
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
@@ -291,6 +310,8 @@ def _adjust(x: Tensor, op: int, factor: Tensor) -> Tensor:
         return (x * factor.view(-1, 1, 1, 1)).clamp(0, 1)
     if op == 1:  # contrast: blend with the mean grey level of the image
         return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    if not _is_rgb(x):  # saturation and hue are colour operations of RGB only
+        return x
     if op == 2:  # saturation: blend with the greyscale image
         return _blend(x, _gray(x), factor)
     hsv = _rgb_to_hsv(x)
@@ -340,7 +361,7 @@ def photometric(
     generator: torch.Generator | None = None,
     params: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """uint8 or [0, 1] float ``[..., 3, H, W]`` -> distorted and normalised float crops, same shape."""
+    """uint8 or [0, 1] float ``[..., C, H, W]`` -> distorted and normalised float crops, same shape."""
     shape = images.shape
     x = images.reshape(-1, *shape[-3:])
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
@@ -357,7 +378,8 @@ def _distort_indexed(x: Tensor, p: dict[str, Tensor], solarize: bool) -> Tensor:
             idx = (p["jitter"] & (p["order"][:, slot] == op)).nonzero().squeeze(1)
             if idx.numel():
                 x = x.index_copy(0, idx, _adjust(x[idx], op, p["factors"][idx, op]))
-    x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    if _is_rgb(x):
+        x = torch.where(p["grayscale"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
     idx = p["blur"].nonzero().squeeze(1)
     if idx.numel():
         x = x.index_copy(0, idx, _gaussian_blur(x[idx], p["sigma"][idx]))
@@ -375,7 +397,8 @@ def _distort_masked(x: Tensor, p: dict[str, Tensor], solarize: bool) -> Tensor:
         factor = p["factors"].gather(1, op[:, None]).squeeze(1)
         for k in range(4):
             x = torch.where(per_crop(p["jitter"] & (op == k)), _adjust(x, k, factor), x)
-    x = torch.where(per_crop(p["grayscale"]), _gray(x).expand_as(x), x)
+    if _is_rgb(x):
+        x = torch.where(per_crop(p["grayscale"]), _gray(x).expand_as(x), x)
     x = torch.where(per_crop(p["blur"]), _gaussian_blur(x, p["sigma"]), x)
     if solarize:
         x = torch.where(per_crop(p["solarize"]) & (x >= 128 / 255), 1 - x, x)

@@ -34,7 +34,7 @@ import yaml
 from torch import Tensor
 
 from opendino.config import ConfigError
-from opendino.data.sources import ImageSource, NoImagesError, open_source
+from opendino.data.sources import ChannelMismatchError, ImageSource, NoImagesError, open_source
 
 MANIFEST_EXTENSIONS = (".yaml", ".yml")
 HEADER = "# opendino data mix (docs/data.md, Mixing sources)\n"
@@ -218,7 +218,7 @@ def write_manifest(
 
 class MixedSource(ImageSource):
     """Opened sources laid end to end: index ``i`` of source ``j`` is ``mixture.offsets[j] + i``, and
-    ``load`` / ``label`` / ``path`` dispatch to it.
+    ``decode`` (so ``load``) / ``label`` / ``path`` dispatch to it.
 
     Labels are each source's own (-1 where it has none): they index ``classes`` when every source has the
     same class list (then ``classes`` is that list), else ``classes`` is empty and a label indexes the
@@ -259,9 +259,15 @@ class MixedSource(ImageSource):
         j, i = self.source_of(index)
         return self.sources[j].label(i)
 
-    def load(self, index: int) -> Tensor | None:
+    def decode(self, index: int) -> Tensor | None:
         j, i = self.source_of(index)
-        return self.sources[j].load(i)
+        return self.sources[j].decode(i)
+
+    def set_channels(self, n: int) -> None:
+        """Every source decodes to ``n`` channels (the mix's images all feed one model)."""
+        super().set_channels(n)
+        for source in self.sources:
+            source.set_channels(n)
 
     @property
     def captions(self) -> list[str | None] | None:  # type: ignore[override]
@@ -277,12 +283,12 @@ class MixedSource(ImageSource):
 
     def check_readable(self, probe: int = 64) -> None:
         """Fails early, naming the mix and the source, if any source has no decodable image in its first
-        ``probe``."""
+        ``probe`` (``ChannelMismatchError`` when they decode, but with another channel count)."""
         for entry, source in zip(self.mixture.names, self.sources, strict=True):
             try:
                 source.check_readable(probe)
-            except NoImagesError as e:
-                raise NoImagesError(f"{self.name}: source {entry!r}: {e}") from e
+            except (NoImagesError, ChannelMismatchError) as e:
+                raise type(e)(f"{self.name}: source {entry!r}: {e}") from e
 
 
 def open_mix(path: str | Path) -> MixedSource:

@@ -199,8 +199,10 @@ class DataPipeline:
             yield multicrops[0].photometric_collated(batch) if self.data.photometric_on_device else batch
 
 
-def open_training_source(data: DataConfig) -> ImageSource:
-    """The configured image source, checked to hold at least one readable image."""
+def open_training_source(data: DataConfig, channels: int = 3) -> ImageSource:
+    """The configured image source, decoding ``channels`` per image (the model's ``in_chans``), checked to
+    hold at least one readable image of that many channels."""
     source = open_source(data.path, data.source, n=data.synthetic_n, size=data.synthetic_size)
+    source.set_channels(channels)
     source.check_readable()
     return source

@@ -1,10 +1,12 @@
 """Image sources behind one interface: a folder, a file list, tar shards, or the synthetic world.
 
-Every source is an indexable collection of ``(path, label)`` records with ``load(i) -> uint8 [3, H, W]
-tensor or None``. ``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` / ``.tsv``
+Every source is an indexable collection of ``(path, label)`` records with ``load(i) -> uint8 [C, H, W]
+tensor or None`` (``C = source.channels``: 3, RGB, unless ``set_channels`` asks for another count).
+``open_source(path)`` picks the kind from the path (a folder, a ``.txt`` / ``.csv`` / ``.tsv``
 list, ``.tar`` shards given as a file, a glob or a folder of shards, a ``.yaml`` mix manifest of several of
 them: opendino.data.mix) or ``open_source(source="synthetic")``.
-Unreadable images never stop a job: ``load`` returns None, and callers skip, count and report them.
+Unreadable images never stop a job: ``load`` returns None (so does an image of another channel count), and
+callers skip, count and report them; ``check_readable`` fails at start when none of the first images reads.
 
 Tar shards use the webdataset layout (``<key>.<ext>`` members, an optional ``<key>.cls`` label and ``<key>.txt``
 caption); they are indexed once and read by random access, so every source shares one seeded, resumable sampler.
@@ -18,11 +20,14 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import logging
+import numbers
 import os
 import posixpath
 import stat
 import tarfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,56 +37,224 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".npy", ".npz")
 LIST_EXTENSIONS = (".txt", ".csv", ".tsv")
 CAPTION_COLUMNS = ("caption", "text", "title")  # a CSV/TSV header naming one makes a captioned list
 # Dense labels stored beside images (see docs/data.md) are not images of the data set.
-LABEL_SUFFIXES = (".seg", ".inst", ".depth", ".view2")
+LABEL_SUFFIXES = (".seg", ".inst", ".depth", ".view2", ".flow")
 MAX_SIDE = 4096  # larger images are reduced on decode (JPEG draft mode) and then resized
+
+# Formats are told by their first bytes, not by a file name: tar members arrive as bytes.
+NUMPY_MAGICS = (b"\x93NUMPY", b"PK\x03\x04")  # .npy, and .npz (a zip archive of .npy files)
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
+SAMPLES_PER_PIXEL = 277  # the TIFF tag of the channel count
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+# What decoders raise on bad data (a zip that is not an .npz raises BadZipFile, which is none of the others).
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    IndexError,
+    zipfile.BadZipFile,
+    Image.DecompressionBombError,
+)
 
 
 class NoImagesError(RuntimeError):
     pass
 
 
+class ChannelMismatchError(ValueError):
+    """An image decodes, but with another number of channels than requested."""
+
+
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and Path(path.stem).suffix not in LABEL_SUFFIXES
 
 
-def decode_image(data: str | Path | bytes, max_side: int = MAX_SIDE) -> Tensor | None:
-    """8-bit RGB ``[3, H, W]`` uint8 with EXIF orientation applied, or None if it cannot be decoded.
-    Grayscale, palette, CMYK, alpha and 16-bit images are converted; huge ones are reduced."""
+def decode_image(data: str | Path | bytes, max_side: int = MAX_SIDE, channels: int = 3) -> Tensor | None:
+    """``[channels, H, W]`` uint8, or None if ``data`` (a path or the file's bytes) cannot be decoded.
+    Raises ``ChannelMismatchError`` when it decodes with another channel count. Contiguous, except an RGB
+    JPEG decoded whole, which keeps libjpeg-turbo's channels-last memory layout (as it always has).
+
+    Formats, told by their first bytes: everything PIL reads, with EXIF orientation applied; ``.npy`` and
+    ``.npz`` arrays (never unpickled; in an ``.npz`` the array named ``image``, else the first); TIFFs with
+    any number of samples through tifffile, where PIL cannot give them all (or fails).
+
+    - ``channels=3``: 8-bit RGB exactly as always; greyscale, palette, CMYK, alpha and 16-bit images are
+      converted, and a one-channel array or TIFF is repeated into RGB.
+    - other ``channels``: the file's own channels (a greyscale or 16-bit PNG has one, a palette image is
+      expanded to RGB or RGBA); a count other than ``channels`` raises ``ChannelMismatchError``.
+    - Array layout: 2-D is one channel; 3-D is channels-last ``(H, W, C)`` when the last axis is the
+      shortest (ties included), else channels-first ``(C, H, W)``; leading axes of length 1 are dropped.
+    - Values: ``to_uint8``, one rule per image (the 16-bit rule of PIL images; bool is 0 / 255).
+    - Images with a side above ``max_side`` are reduced to fit it (antialiased bicubic, aspect kept)."""
     try:
         raw = data if isinstance(data, bytes) else Path(data).read_bytes()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(raw)) as img:  # reads the header only
-                if img.format == "JPEG" and max(img.size) <= max_side:
-                    # libjpeg-turbo through torchvision: the same pixels as PIL in half the time.
-                    return decode_jpeg(
-                        torch.frombuffer(bytearray(raw), dtype=torch.uint8),
-                        mode=ImageReadMode.RGB,
-                        apply_exif_orientation=True,
-                    )
-                if img.format == "JPEG":
-                    img.draft("RGB", (max_side, max_side))
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                img = _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError, EOFError):
+            image = _decode(raw, max_side, channels)
+    except _DECODE_ERRORS:
         return None
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    if isinstance(image, Tensor):  # the fast JPEG path: already [3, H, W] at full size
+        return image
+    image = _reduce(_fit_channels(image, channels, data), max_side)
+    # One copy into [C, H, W]: it also owns its memory (PIL's arrays are read-only views).
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """8-bit values of an image of any dtype, by one rule for the whole image (all its channels, not each
+    channel apart, so that channels keep their relative brightness): bool is 0 / 255; uint8 is kept;
+    otherwise the image is scaled by 1 when it is float with max <= 1, kept when its max is <= 255, else
+    divided by 65535 (16-bit), and then clipped to [0, 255] (negative values become 0)."""
+    if values.dtype == np.bool_:
+        return values.astype(np.uint8) * 255
+    if values.dtype == np.uint8:
+        return values
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise ValueError(f"an image of dtype {values.dtype} has no pixel values")
+    arr = values.astype(np.float64)
+    peak = arr.max()
+    if np.issubdtype(values.dtype, np.floating) and peak <= 1.0:
+        top = 1.0
+    else:
+        top = 255.0 if peak <= 255 else 65535.0
+    return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _decode(raw: bytes, max_side: int, channels: int) -> Tensor | np.ndarray:
+    """The image of ``raw`` as a ``[3, H, W]`` tensor (fast JPEG path) or an ``(H, W, C)`` uint8 array with
+    the file's channels (RGB when ``channels=3`` and PIL reads it), before fitting and reduction."""
+    if raw.startswith(NUMPY_MAGICS):
+        return _array_to_hwc(_read_numpy(raw))
+    if not raw.startswith(TIFF_MAGICS):
+        return _decode_pil(raw, max_side, channels)
+    try:
+        image = _decode_pil(raw, max_side, channels)
+    except _DECODE_ERRORS:
+        image = None
+    if image is not None and _fits(image.shape[2], channels):
+        return image
+    try:
+        return _array_to_hwc(_read_tiff(raw))
+    except _DECODE_ERRORS:
+        if image is None:  # neither reader can: undecodable
+            raise
+        return image  # e.g. a compression tifffile cannot read without imagecodecs: PIL's channels
+
+
+def _decode_pil(raw: bytes, max_side: int, channels: int) -> Tensor | np.ndarray | None:
+    """PIL's decode: ``channels=3`` gives RGB, other counts the file's own channels; None for a TIFF whose
+    samples PIL cannot all give (it reads the first of 5, or one page of many)."""
+    with Image.open(io.BytesIO(raw)) as img:  # reads the header only
+        if img.format == "JPEG" and channels == 3 and max(img.size) <= max_side:
+            # libjpeg-turbo through torchvision: the same pixels as PIL in half the time. Kept as it comes
+            # (channels-last in memory): a contiguous copy would add a third to the decode time, and the
+            # uint8 crop kernels are faster on this layout.
+            return decode_jpeg(
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
+        if img.format == "TIFF" and img.tag_v2.get(SAMPLES_PER_PIXEL, 1) != len(img.getbands()):
+            return None
+        if img.format == "JPEG":
+            img.draft("RGB" if channels == 3 else None, (max_side, max_side))
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        if channels == 3:
+            return np.asarray(_to_rgb(img))
+        return _native_array(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in _HIGH_BIT_DEPTH_MODES:
         # PIL's convert("RGB") clips high-bit-depth values; scale them to 8 bits instead.
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0 if arr.max() <= 255 else 65535.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        img = Image.fromarray(to_uint8(np.asarray(img)))
     return img.convert("RGB")
+
+
+def _native_array(img: Image.Image) -> np.ndarray:
+    """``(H, W, C)`` uint8 of a PIL image with its own channels: one for greyscale, 1-bit and high bit depth,
+    the bands of the mode otherwise; a palette is expanded to its colours (with alpha if it has one)."""
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    return _array_to_hwc(np.asarray(img))
+
+
+def _read_numpy(raw: bytes) -> np.ndarray:
+    """The array of ``.npy`` bytes, or of ``.npz`` bytes the one named ``image`` (else the first). Object
+    arrays are refused (``allow_pickle=False``): loading a file must never run code from it."""
+    loaded = np.load(io.BytesIO(raw), allow_pickle=False)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as archive:
+        return archive["image" if "image" in archive.files else archive.files[0]]
+
+
+def _read_tiff(raw: bytes) -> np.ndarray:
+    """The first image series of a TIFF (pages stacked on a first axis), samples in the file's layout."""
+    import tifffile  # only TIFFs that PIL cannot read need it
+
+    # tifffile logs what is wrong with a bad file at every read; the caller reports the file instead.
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return tifffile.imread(io.BytesIO(raw))
+    finally:
+        log.setLevel(level)
+
+
+def _array_to_hwc(array: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` uint8 of an image array, by the layout rule of ``decode_image`` and ``to_uint8``."""
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3 and array.shape[2] > min(array.shape[:2]):
+        array = array.transpose(1, 2, 0)
+    elif array.ndim != 3:
+        raise ValueError(f"an image array has 2 or 3 axes, not the shape {array.shape}")
+    if not array.size:
+        raise ValueError(f"an empty image array {array.shape}")
+    return to_uint8(array)
+
+
+def _fits(found: int, channels: int) -> bool:
+    return found == channels or (found == 1 and channels == 3)
+
+
+def _fit_channels(image: np.ndarray, channels: int, data: str | Path | bytes) -> np.ndarray:
+    """``image`` with ``channels`` channels: one channel is repeated into RGB for ``channels=3``; any other
+    difference is an error, since which channels to drop or invent is the user's choice to make."""
+    found = image.shape[2]
+    if found == channels:
+        return image
+    if _fits(found, channels):
+        return np.repeat(image, channels, axis=2)
+    where = "" if isinstance(data, bytes) else f"{data}: "
+    raise ChannelMismatchError(
+        f"{where}the image has {found} channels, {channels} requested (images are decoded to the model's "
+        "channel count, which model.in_chans sets: set it to the files' count, or convert the files)"
+    )
+
+
+def _reduce(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` reduced to fit ``max_side`` (antialiased bicubic, aspect kept), each channel apart: PIL
+    resizes the bands of an RGB image independently, so this gives its pixels for any channel count."""
+    if max(image.shape[:2]) <= max_side:
+        return image
+    planes = []
+    for c in range(image.shape[2]):
+        plane = Image.fromarray(np.ascontiguousarray(image[:, :, c]))
+        plane.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        planes.append(np.asarray(plane))
+    return np.stack(planes, axis=2)
 
 
 def _shard_members(shard: str, stamp: tuple[int, int]) -> dict[str, tuple[int, int]]:
@@ -128,20 +301,30 @@ def read_tar_member(path: str) -> bytes | None:
     return None
 
 
-def load_path(path: str, max_side: int = MAX_SIDE) -> Tensor | None:
+def load_path(path: str, max_side: int = MAX_SIDE, channels: int = 3) -> Tensor | None:
     """``decode_image`` of a file, or of a tar member named ``<shard>.tar:<member>`` when ``path`` is not a
-    file."""
+    file (a ``ChannelMismatchError`` then names ``path``)."""
     if ".tar:" in path.lower() and not os.path.isfile(path):
         data = read_tar_member(path)
         if data is not None:
-            return decode_image(data, max_side)
-    return decode_image(path, max_side)
+            return _decode_named(data, path, max_side, channels)
+    return decode_image(path, max_side, channels)
+
+
+def _decode_named(data: bytes, path: str, max_side: int = MAX_SIDE, channels: int = 3) -> Tensor | None:
+    """``decode_image`` of bytes read from ``path``, whose name a ``ChannelMismatchError`` then carries."""
+    try:
+        return decode_image(data, max_side, channels)
+    except ChannelMismatchError as e:
+        raise ChannelMismatchError(f"{path}: {e}") from None
 
 
 class ImageSource(torch.utils.data.Dataset):
-    """Indexable records ``(path, label)``; ``label`` is -1 when the source has none."""
+    """Indexable records ``(path, label)``; ``label`` is -1 when the source has none. Images are decoded to
+    ``channels`` channels (3 unless ``set_channels`` says otherwise)."""
 
     classes: list[str] = []
+    channels: int = 3
     # Per-record captions where the source itself carries them (a captioned CSV/TSV list, tar shards; None
     # where a record has none), else None; undecodable bytes are kept as surrogates, to be reported.
     captions: list[str | None] | None = None
@@ -159,20 +342,47 @@ class ImageSource(torch.utils.data.Dataset):
     def label(self, index: int) -> int:
         return self.records[index][1]
 
+    def set_channels(self, n: int) -> None:
+        """Decode every image to ``n`` channels from now on (``decode_image``'s ``channels``)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{self.name}: channels={n!r}: need an integer >= 1")
+        self.channels = int(n)
+
+    def decode(self, index: int) -> Tensor | None:
+        """Image ``index`` as ``[channels, H, W]`` uint8, or None if it cannot be decoded; raises
+        ``ChannelMismatchError`` if it decodes with another channel count. Sources override this."""
+        return load_path(self.records[index][0], channels=self.channels)
+
     def load(self, index: int) -> Tensor | None:
-        return load_path(self.records[index][0])
+        """``decode``, with an image of the wrong channel count unreadable (None) like any bad file: one
+        stray file must not stop a run (a wrong setting is caught by ``check_readable``)."""
+        try:
+            return self.decode(index)
+        except ChannelMismatchError:
+            return None
 
     def __getitem__(self, index: int) -> tuple[Tensor | None, int]:
         return self.load(index), self.label(index)
 
     def check_readable(self, probe: int = 64) -> None:
-        """Fails early, with the source named, if none of its first ``probe`` images decodes."""
+        """Fails early, with the source named, if none of its first ``probe`` images decodes: a
+        ``ChannelMismatchError`` when some decode, but all with another channel count than ``channels``,
+        else a ``NoImagesError``."""
         if not self.records:
             raise NoImagesError(f"{self.name}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        for i in range(min(probe, len(self))):
-            if self.load(i) is not None:
-                return
-        raise NoImagesError(f"{self.name}: none of the first {min(probe, len(self))} images can be decoded")
+        n = min(probe, len(self))
+        mismatch = None
+        for i in range(n):
+            try:
+                if self.decode(i) is not None:
+                    return
+            except ChannelMismatchError as e:
+                mismatch = mismatch or e
+        if mismatch is not None:
+            raise ChannelMismatchError(
+                f"{self.name}: none of the first {n} images has {self.channels} channels; first: {mismatch}"
+            )
+        raise NoImagesError(f"{self.name}: none of the first {n} images can be decoded")
 
 
 class FolderSource(ImageSource):
@@ -260,11 +470,11 @@ class TarShardSource(ImageSource):
                     self.captions.append(texts.get(key))
         super().__init__(records, ", ".join(self.shards[:3]) + (" ..." if len(self.shards) > 3 else ""))
 
-    def load(self, index: int) -> Tensor | None:
+    def decode(self, index: int) -> Tensor | None:
         shard, offset, size = self._index[index]
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
-            return decode_image(f.read(size))
+            return _decode_named(f.read(size), self.path(index), channels=self.channels)
 
 
 class SyntheticSource(ImageSource):
@@ -289,7 +499,12 @@ class SyntheticSource(ImageSource):
     def label(self, index: int) -> int:
         return self.scene(index).label
 
-    def load(self, index: int) -> Tensor:
+    def decode(self, index: int) -> Tensor:
+        if self.channels != 3:  # scenes are rendered in RGB
+            raise ChannelMismatchError(
+                f"{self.path(index)}: the synthetic world is RGB (3 channels), {self.channels} requested "
+                "(model.in_chans sets the channel count)"
+            )
         scene = self.scene(index)
         return torch.from_numpy(np.array(scene.image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 

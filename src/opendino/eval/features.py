@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from opendino.data.sources import ImageSource
+from opendino.models.channels import input_channels
 from opendino.models.vit import global_feature
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")
@@ -116,6 +117,7 @@ def extract_features(
     device = torch.device(device)
     model = model.to(device).eval()
     dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, describe)
+    dataset.source.set_channels(input_channels(model))  # an N-channel model reads N-channel images
     name = dataset.source.path
     loader = DataLoader(
         dataset,

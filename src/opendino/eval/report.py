@@ -1,9 +1,13 @@
 """The evaluation report: ``results.json``, ``report.md`` with tables, a bar chart and PCA / similarity
-pictures of the evaluated model next to its random-initialised twin."""
+pictures of the evaluated model next to its random-initialised twin and its baselines (other models, the
+raw pixels), with the difference trained - baseline of every metric."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -11,7 +15,9 @@ from torch import nn
 
 from opendino.data.sources import decode_image
 from opendino.eval.features import eval_transform
+from opendino.eval.pixels import PixelBaseline
 from opendino.eval.visualize import picture
+from opendino.models.channels import input_channels
 
 LOWER_IS_BETTER = {"rmse", "abs_rel", "mean_error_px"}
 HEADLINE = {
@@ -38,6 +44,33 @@ def chance(task: dict, metric: str) -> float | None:
     return None
 
 
+def baseline_labels(results: dict) -> dict[str, str]:
+    """Short column names of the baselines (``meta["baselines"]``), by results key: ``pixels``, else the
+    file or folder name without its suffix (``adapted`` for ``runs/adapted``, ``dinov3_vits16`` for
+    ``dinov3_vits16.pth``), or the whole key where two would read alike."""
+    keys = results.get("meta", {}).get("baselines", [])
+    short = {k: k if k == "pixels" else (Path(k.removeprefix("baseline:")).stem or k) for k in keys}
+    counts = Counter(short.values())
+    taken = {"trained", "random init", "chance", "better"}
+    return {k: v if counts[v] == 1 and v not in taken else k for k, v in short.items()}
+
+
+def difference(value, base, metric: str) -> tuple[float, str] | None:
+    """``(trained - baseline, "better" | "worse" | "same")`` of one metric, from trained's side (lower is
+    better for ``LOWER_IS_BETTER``); None where either is not a number."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, base)):
+        return None
+    diff = value - base
+    if diff == 0:
+        return diff, "same"
+    return diff, "better" if (diff < 0) == (metric in LOWER_IS_BETTER) else "worse"
+
+
+def _series(results: dict) -> list[tuple[str, str]]:
+    """``(results key, label)`` of every column: trained, random init, the baselines."""
+    return [("trained", "trained"), ("random_init", "random init"), *baseline_labels(results).items()]
+
+
 def _bar_chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -46,10 +79,15 @@ def _bar_chart(results: dict, path: Path) -> None:
 
     headline = {**HEADLINE, **TEXT_HEADLINE}
     tasks = [t for t in headline if t in results["trained"] and headline[t] in results["trained"][t]]
-    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.2))
-    for offset, (name, colour) in zip((-0.2, 0.2), (("trained", "tab:blue"), ("random_init", "tab:gray")), strict=True):
-        values = [results[name][t][headline[t]] for t in tasks]
-        ax.bar([i + offset for i in range(len(tasks))], values, width=0.4, label=name.replace("_", " "), color=colour)
+    series = _series(results)
+    width = 0.8 / len(series)
+    colours = ["tab:blue", "tab:gray", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+    fig, ax = plt.subplots(figsize=((0.3 * len(series) + 0.8) * len(tasks) + 2, 3.2))
+    for k, (key, label) in enumerate(series):
+        # A baseline's skipped task (a dense task on another patch grid) is a gap, not a zero.
+        values = [results[key].get(t, {}).get(headline[t], math.nan) for t in tasks]
+        offsets = [i + (k - (len(series) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(offsets, values, width=width, label=label, color=colours[k % len(colours)])
     ax.set_xticks(range(len(tasks)), [f"{t}\n{headline[t]}" for t in tasks], fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -58,13 +96,25 @@ def _bar_chart(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _pictures(models: dict[str, nn.Module], images: list[Path], settings: dict, path: Path) -> None:
-    transform = eval_transform(settings["resolution"], settings["mean"], settings["std"])
-    decoded = [image for image in map(decode_image, images) if image is not None]
+def _pictures(
+    models: dict[str, nn.Module],
+    images: list[Path],
+    settings: dict,
+    path: Path,
+    normalisation: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> None:
+    """For each image a row per model (``normalisation``: a model's own mean and std, else the settings')."""
+    normalisation = normalisation or {}
+    res = settings["resolution"]
+    transforms = {
+        name: eval_transform(res, *normalisation.get(name, (settings["mean"], settings["std"]))) for name in models
+    }
+    channels = input_channels(next(iter(models.values())))  # every model of a report takes the same
+    decoded = [image for image in (decode_image(p, channels=channels) for p in images) if image is not None]
     rows = [
-        picture(model, image, transform, settings["resolution"]).resize((3 * 160 + 8, 160), Image.NEAREST)
+        picture(model, image, transforms[name], res).resize((3 * 160 + 8, 160), Image.NEAREST)
         for image in decoded
-        for model in models.values()
+        for name, model in models.items()
     ]
     if not rows:
         return
@@ -78,36 +128,88 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_report(out: Path, results: dict, models: dict[str, nn.Module], images: list[Path], settings: dict) -> None:
+def _baseline_sentence(results: dict, labels: dict[str, str]) -> str:
+    info = results["meta"].get("baseline_info", {})
+    parts = []
+    for key, label in labels.items():
+        if key == "pixels":
+            grid = info.get(key, {}).get("grid", 16)
+            parts.append(
+                f"`pixels` (the resized raw pixels through the same probes: the image average-pooled to "
+                f"{grid} x {grid} as the global feature, each patch's pixels as its patch feature; the floor "
+                "any learned feature should clear)"
+            )
+        else:
+            source = info.get(key, {}).get("source", key.removeprefix("baseline:"))
+            parts.append(f"`{label}` (`{source}`, with its own normalisation)")
+    return "; baselines at the same resolution on the same images: " + ", ".join(parts)
+
+
+def _cell(value) -> str:
+    return "" if value is None else _fmt(value)
+
+
+def write_report(
+    out: Path,
+    results: dict,
+    models: dict[str, nn.Module],
+    images: list[Path],
+    settings: dict,
+    baselines: dict[str, tuple[nn.Module, dict]] | None = None,
+) -> None:
+    """``baselines``: ``{results key: (module, {mean, std, ...})}`` of ``evaluate``'s baselines, for the
+    pictures; their numbers come from ``results``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     _bar_chart(results, out / "results.png")
-    _pictures(models, images, settings, out / "pictures.png")
+    labels = baseline_labels(results)
+    # The pixel baseline has no picture row: the PCA of raw pixel patches is a recolouring of the input,
+    # already shown, and its similarity map is a colour match; a baseline model's row is its own features.
+    pictured = {k: m for k, (m, _) in (baselines or {}).items() if not isinstance(m, PixelBaseline)}
+    norms = {k: (about["mean"], about["std"]) for k, (_, about) in (baselines or {}).items() if k in pictured}
+    _pictures({**models, **pictured}, images, settings, out / "pictures.png", norms)
     meta = results["meta"]
+    head = ["task", "metric", "trained", "random init", *labels.values(), "chance", "better"]
+    head += [f"trained − {label}" for label in labels.values()]
     lines = [
         "# Evaluation report",
         "",
-        f"Model `{meta['model']}` against a random-initialised model of the same architecture; data "
-        f"`{meta['data']}` ({meta['n_train']} train / {meta['n_val']} val images, {len(meta['classes'])} classes), "
-        f"{meta['resolution']} px, {meta['date']}.",
+        f"Model `{meta['model']}` against a random-initialised model of the same architecture"
+        + (_baseline_sentence(results, labels) if labels else "")
+        + f"; data `{meta['data']}` ({meta['n_train']} train / {meta['n_val']} val images, "
+        f"{len(meta['classes'])} classes), {meta['resolution']} px, {meta['date']}.",
         "",
-        "| task | metric | trained | random init | chance | better |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
+    skipped: dict[tuple[str, str], list[str]] = {}  # (baseline, reason) -> its skipped tasks: one note each
     for task in meta["tasks"]:
         trained, floor = results["trained"].get(task, {}), results["random_init"].get(task, {})
         if "skipped" in trained:
-            lines.append(f"| {task} | skipped: {trained['skipped']} | | | | |")
+            lines.append(f"| {task} | skipped: {trained['skipped']} |" + " |" * (len(head) - 2))
             continue
+        rows = {key: results[key].get(task, {}) for key in labels}
+        for k, row in rows.items():
+            if "skipped" in row:
+                skipped.setdefault((labels[k], row["skipped"]), []).append(task)
         for metric, value in trained.items():
             if metric in SETTINGS or metric.startswith("chance_"):
                 continue
             base, level = floor.get(metric), chance(trained, metric)
             better = (value < base) if metric in LOWER_IS_BETTER else (value > base)
-            lines.append(
-                f"| {task} | {metric} | {_fmt(value)} | {_fmt(base)} | {'' if level is None else _fmt(level)} "
-                f"| {'yes' if better else 'no'} |"
-            )
+            shown = ["skipped" if "skipped" in row else _cell(row.get(metric)) for row in rows.values()]
+            diffs = [difference(value, row.get(metric), metric) for row in rows.values()]
+            cells = [task, metric, _fmt(value), _fmt(base), *shown, "" if level is None else _fmt(level)]
+            cells += ["yes" if better else "no", *("" if d is None else f"{d[0]:+.4g} ({d[1]})" for d in diffs)]
+            lines.append("| " + " | ".join(cells) + " |")
+    if labels:
+        lines += [
+            "",
+            "`better`: trained against random init. `trained − X`: the difference of each metric, and whether it "
+            f"favours the trained model (lower is better for {', '.join(sorted(LOWER_IS_BETTER))}).",
+        ]
+    if skipped:
+        lines += ["", *(f"- `{label}` {', '.join(t)}: skipped: {why}" for (label, why), t in skipped.items())]
     text = meta.get("text")
     if text:
         zeroshot = results["trained"].get("zeroshot", {})
@@ -126,7 +228,10 @@ def write_report(out: Path, results: dict, models: dict[str, nn.Module], images:
         "![headline metrics](results.png)",
         "",
         "Each row of pictures: the input, the PCA of the patch features as RGB, and the cosine similarity "
-        "of every patch to the centre patch (green square); rows alternate trained / random init.",
+        "of every patch to the centre patch (green square); rows alternate "
+        + " / ".join(["trained", "random init", *(labels[k] for k in pictured)])
+        + (" (the pixel baseline has no row: the PCA of raw pixels recolours the input)" if "pixels" in labels else "")
+        + ".",
         "",
         "![PCA and similarity](pictures.png)",
         "",

@@ -4,13 +4,19 @@ architecture, on the synthetic world or a user's labelled folder, written to ``r
 
 The image tasks run on the backbone (``teacher.safetensors``); the text tasks (eval/text.py) on the
 text-aligned model of a text run (``text.safetensors`` beside it), whose random-init twin keeps the trained
-backbone and re-initialises the vision head and text tower: the gap is what the text training added."""
+backbone and re-initialises the vision head and text tower: the gap is what the text training added.
+
+Baselines (``evaluate(..., baselines=...)``, ``opendino eval --baseline``) are extra columns: other models
+(the one an adapted model started from, say) at the same resolution on the same images through the same
+probes, each with its own normalisation, and ``pixels``, the resized raw pixels (eval/pixels.py): the floor
+any learned feature should clear."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +36,7 @@ from opendino.eval.data import (
 from opendino.eval.dense import linear_depth, linear_segmentation
 from opendino.eval.features import Features, cached_features
 from opendino.eval.linear import linear_probe, logistic_regression
+from opendino.eval.pixels import pixel_baseline_like
 from opendino.eval.text import (
     TEXT_TASKS,
     class_text,
@@ -38,7 +45,7 @@ from opendino.eval.text import (
     resolve_templates,
     run_text_tasks,
 )
-from opendino.models import load_model
+from opendino.models import MODELS, load_model
 from opendino.models.checkpoint import CheckpointError
 from opendino.models.registry import LVD_MEAN, LVD_STD, create, normalisation
 from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
@@ -46,6 +53,7 @@ from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 IMAGE_TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
 TASKS = (*IMAGE_TASKS, *TEXT_TASKS)
 DENSE_TASKS = ("seg", "depth", "corr")
+PIXELS = "pixels"  # --baseline pixels: the raw-pixel floor; any other value is a model
 
 
 def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
@@ -86,6 +94,14 @@ def _labels(split: LabelledSplit, features: Features) -> tuple[list[Path], torch
     return [split.paths[i] for i in rows], split.labels[rows]
 
 
+def _as_stored(features: Features) -> Features:
+    """The global features as the cache stores them (float16): a first run scores the same numbers as a
+    re-run from the cache, and a baseline that is the evaluated model itself the same as ``trained`` (the
+    patch grids are float16 either way)."""
+    features.cls, features.pooled = features.cls.half().float(), features.pooled.half().float()
+    return features
+
+
 def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, settings: dict, log) -> dict:
     extract = {
         "mean": settings["mean"],
@@ -104,7 +120,7 @@ def run_tasks(model: nn.Module, splits: dict[str, LabelledSplit], tasks, setting
         "corr": any(dense_path(p, ".flow.npy").exists() for p in val.paths),
     }
     dense = any(labelled[t] for t in tasks if t in DENSE_TASKS)
-    feats = {s: cached_features(model, splits[s].paths, cache, keep_patch=dense, **extract) for s in splits}
+    feats = {s: _as_stored(cached_features(model, splits[s].paths, cache, keep_patch=dense, **extract)) for s in splits}
     (train_paths, train_y), (val_paths, val_y) = (_labels(splits[s], feats[s]) for s in ("train", "val"))
     tr, va = feats["train"], feats["val"]
     results: dict[str, dict] = {}
@@ -184,6 +200,98 @@ def text_model_file(source: str | Path, text_tasks: tuple[str, ...] | list[str])
     )
 
 
+def baseline_key(source: str | Path) -> str:
+    """The name of a baseline's entry in ``results.json``: ``pixels``, or ``baseline:<source>``."""
+    return PIXELS if str(source) == PIXELS else f"baseline:{Path(source)}"
+
+
+def load_baselines(
+    baselines: Sequence[str | Path], model: nn.Module, info: dict, resolution: int
+) -> dict[str, tuple[nn.Module, dict]]:
+    """``{results key: (module, {source, mean, std, feature_stride, dense})}`` for the baselines of ``model``;
+    a ValueError before any work for one that cannot be compared: another number of input channels, a
+    stride that does not divide the resolution. ``dense``: whether its patch grid is the evaluated model's
+    (the dense tasks compare only then)."""
+    channels = getattr(model, "model_kwargs", {}).get("in_chans", 3)
+    grid = resolution // model.feature_stride
+    loaded: dict[str, tuple[nn.Module, dict]] = {}
+    for source in baselines:
+        key = baseline_key(source)
+        if key in loaded:
+            continue  # named twice: one column
+        if key == PIXELS:
+            pixels = pixel_baseline_like(model)
+            loaded[key] = (
+                pixels,
+                {
+                    "source": PIXELS,
+                    "mean": list(info["mean"]),
+                    "std": list(info["std"]),
+                    "feature_stride": pixels.feature_stride,
+                    "grid": pixels.grid,
+                    "dense": True,
+                },
+            )
+            continue
+        if str(source) in MODELS:
+            torch.manual_seed(0)  # a registered name is its random initialisation: seed 0, like random_init_like
+        other, other_info = resolve_model(source)
+        other_channels = getattr(other, "model_kwargs", {}).get("in_chans", 3)
+        if other_channels != channels:
+            raise ValueError(
+                f"baseline {source}: {other_channels} input channels, the evaluated model has {channels}; "
+                "the two cannot see the same images"
+            )
+        stride = other.feature_stride
+        if resolution % stride:
+            raise ValueError(
+                f"baseline {source}: resolution {resolution} is not a multiple of its stride {stride}; "
+                f"give --resolution a multiple of {stride} and {model.feature_stride}"
+            )
+        loaded[key] = (
+            other,
+            {
+                "source": str(source),
+                "mean": list(other_info["mean"]),
+                "std": list(other_info["std"]),
+                "feature_stride": stride,
+                "dense": resolution // stride == grid,
+            },
+        )
+    return loaded
+
+
+def run_baseline(
+    model: nn.Module,
+    about: dict,
+    splits: dict[str, LabelledSplit],
+    image_tasks: Sequence[str],
+    trained: dict,
+    settings: dict,
+    log,
+) -> dict:
+    """``run_tasks`` for a baseline with its own normalisation; on another patch grid than the evaluated
+    model's, its dense tasks are ``skipped`` (with the reason of the evaluated model's where it has one)."""
+    settings = {**settings, "mean": tuple(about["mean"]), "std": tuple(about["std"])}
+    tasks = [t for t in image_tasks if about["dense"] or t not in DENSE_TASKS]
+    done = run_tasks(model, splits, tasks, settings, log) if tasks else {}
+    res = settings["resolution"]
+    results = {}
+    for task in image_tasks:
+        if task in done:
+            results[task] = done[task]
+        elif "skipped" in trained.get(task, {}):
+            results[task] = {"skipped": trained[task]["skipped"]}
+        else:
+            g = res // about["feature_stride"]
+            results[task] = {
+                "skipped": f"patch grid {g}x{g} (stride {about['feature_stride']}) is not the evaluated model's "
+                f"{res // settings['feature_stride']}x{res // settings['feature_stride']}: dense tasks compare "
+                "on the same grid only"
+            }
+    return results
+
+
 def evaluate(
     source: str | Path,
     data: str = "synthetic",
@@ -198,8 +306,14 @@ def evaluate(
     log=print,
     classnames: str | Path | list[str] | None = None,
     templates: str | Path | list[str] | None = None,
+    baselines: Sequence[str | Path] = (),
 ) -> dict:
     """Evaluates ``source`` and a random-initialised twin; writes ``results.json`` and ``report.md``.
+
+    ``baselines``: ``pixels`` and / or other models (registered names, checkpoint files, run folders), each
+    evaluated on the image tasks at the same resolution on the same images, with its own normalisation;
+    their results are ``results["pixels"]`` and ``results["baseline:<source>"]``, listed in
+    ``results["meta"]["baselines"]``. Checked (input channels, stride) before any data is written.
 
     Text tasks (``zeroshot``, ``retrieval``, ``ovseg``) need a text run (``text_model_file``); ``classnames``
     (a file, one per line in the sorted order of the class folders) replaces the folder names as the class
@@ -223,6 +337,7 @@ def evaluate(
     res = resolution or info["resolution"]
     if res % model.feature_stride:
         raise ValueError(f"resolution {res} is not a multiple of the model's stride {model.feature_stride}")
+    baseline_models = load_baselines(baselines, model, info, res)
     if text_tasks:
         from opendino.models.text import load_text_model
 
@@ -238,6 +353,7 @@ def evaluate(
         "batch_size": batch_size,
         "progress": progress,
         "cache": cache,
+        "feature_stride": model.feature_stride,
     }
     text_inputs = {}
     if text_tasks:
@@ -265,6 +381,14 @@ def evaluate(
         text_results = run_text_tasks(text_models, splits["val"], text_tasks, settings, log=log, **text_inputs)
         for name, row in text_results.items():
             results[name].update(row)
+    for key, (m, about) in baseline_models.items():
+        m.to(device).eval()
+        results[key] = {}
+        if image_tasks:
+            log(f"{key}:")
+            results[key] = run_baseline(m, about, splits, image_tasks, results["trained"], settings, log)
+        for task in text_tasks:
+            results[key][task] = {"skipped": "a baseline is compared on the image tasks only"}
     results["meta"] = {
         "model": str(source),
         "data": str(root),
@@ -275,6 +399,8 @@ def evaluate(
         "tasks": list(tasks),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "report": str(out / "report.md"),
+        "baselines": list(baseline_models),
+        "baseline_info": {key: about for key, (_, about) in baseline_models.items()},
     }
     if text_tasks:
         results["meta"]["text"] = {
@@ -284,5 +410,5 @@ def evaluate(
             "ovseg_classes": ["background", *text_inputs["seg_classnames"]],
             "random_init": "the same backbone with a freshly initialised vision head and text tower (seed 0)",
         }
-    write_report(out, results, models, splits["val"].paths[:4], settings)
+    write_report(out, results, models, splits["val"].paths[:4], settings, baselines=baseline_models)
     return results

@@ -8,6 +8,8 @@ the colours come from a PCA of the foreground patches only, with the background 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -83,12 +85,23 @@ def picture(
     resolution: int,
     point: tuple[int, int] | None = None,
     foreground: bool = False,
+    view: Sequence[int] | None = None,
 ) -> Image.Image:
-    """``panel`` for a decoded uint8 image ``[3, H, W]``: the model sees ``transform(image)`` (square,
-    ``resolution`` pixels), the input is shown at the same size."""
+    """``panel`` for a decoded uint8 image ``[C, H, W]``: the model sees ``transform(image)`` (square,
+    ``resolution`` pixels), the input is shown at the same size, as the channels ``view`` (``rgb_view``)."""
     device = next(model.parameters()).device
     tokens = model.eval().forward_features(transform(image)[None].to(device))["x_norm_patchtokens"][0]
     grid = resolution // model.feature_stride
-    shown = F.interpolate(image[None].float(), size=(resolution, resolution), mode="bilinear")[0]
+    shown = F.interpolate(rgb_view(image, view)[None].float(), size=(resolution, resolution), mode="bilinear")[0]
     patch = tokens.float().cpu().reshape(grid, grid, -1)
     return panel(shown.clamp(0, 255).to(torch.uint8), patch, point, foreground)
+
+
+def rgb_view(image: Tensor, channels: Sequence[int] | None = None) -> Tensor:
+    """The 3 channels of ``image`` ``[C, H, W]`` shown as red, green and blue: ``channels`` (3 indices),
+    by default the first three, or the only one as grey."""
+    if channels is None:
+        channels = (0, 1, 2) if image.shape[0] >= 3 else (0, 0, 0)
+    if len(channels) != 3 or any(not 0 <= c < image.shape[0] for c in channels):
+        raise ValueError(f"view channels {list(channels)}: give 3 indices of the image's {image.shape[0]} channels")
+    return image[list(channels)]

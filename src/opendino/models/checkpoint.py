@@ -285,6 +285,8 @@ def load_model(
         model = create(meta["family"], meta["kwargs"], device="meta")
         if meta.get("name") in MODELS:
             model.spec = MODELS[meta["name"]]
+        if "mean" in meta:  # the normalisation it was trained with (registry.normalisation)
+            model.input_normalisation = (tuple(meta["mean"]), tuple(meta["std"]))
     else:
         name, score = closest_architecture(state)
         if score == 1.0:
@@ -303,13 +305,16 @@ def _materialise(model: nn.Module, state: Mapping[str, Tensor], source: str, dev
 def save_model(
     model: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None, metadata: dict[str, str] | None = None
 ) -> None:
-    """Writes a backbone as safetensors with its constructor arguments in the metadata; ``state``: its
+    """Writes a backbone as safetensors with its constructor arguments (and its ``input_normalisation``,
+    when it has one) in the metadata; ``state``: its
     weights when they are not ``model.state_dict()`` (a sharded model's gathered full state); ``metadata``:
     more string entries for the file's metadata."""
     from safetensors.torch import save_file
 
     meta = {"family": model.family, "kwargs": model.model_kwargs, "name": getattr(model, "spec", None)}
     meta["name"] = meta["name"].name if meta["name"] is not None else None
+    if (stats := getattr(model, "input_normalisation", None)) is not None:
+        meta["mean"], meta["std"] = (list(v) for v in stats)
     # clone(): safetensors refuses tensors that share memory (ConvNeXt's norm / norms.3 pair).
     state = {k: v.detach().cpu().clone() for k, v in (model.state_dict() if state is None else state).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,17 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input mean and std a model was trained with (its registered spec), else the LVD-1689M ones."""
+    """The input mean and std a model was trained with: those its file records (``input_normalisation``),
+    else its registered spec's, else the LVD-1689M ones, which only an RGB model can take."""
+    stored = getattr(model, "input_normalisation", None)
+    if stored is not None:
+        return stored
+    channels = getattr(model, "model_kwargs", {}).get("in_chans", 3)
+    if channels != 3:  # a registered architecture's statistics are those of its RGB weights
+        raise ValueError(
+            f"the model takes {channels} input channels and records no normalisation; models exported by "
+            "`opendino train` record theirs (crops.mean / crops.std), or evaluate the run folder"
+        )
     spec = getattr(model, "spec", None)
     return (spec.mean, spec.std) if spec else (LVD_MEAN, LVD_STD)
 

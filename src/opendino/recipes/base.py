@@ -82,7 +82,8 @@ class Recipe(nn.Module):
     def param_groups(self) -> list[dict]:
         """Optimizer groups of the trained module: ``params``, ``names`` and the multipliers the loop
         applies to its schedules: ``lr_multiplier``, ``wd_multiplier``, ``is_last_layer`` (follows the
-        last-layer lr schedule) and ``frozen_until`` (lr 0 before that step)."""
+        last-layer lr schedule), ``frozen_until`` (lr 0 before that step) and optionally ``ramp_steps`` (the
+        lr then ramps linearly back over that many steps)."""
         raise NotImplementedError
 
     def before_step(self, step: int) -> dict[str, float]:

@@ -16,15 +16,30 @@ class ModelConfig:
     arch: str = "vit_large"  # a name of `opendino models`
     kwargs: dict = dataclasses.field(default_factory=dict)  # constructor overrides (custom sizes)
     drop_path_rate: float = 0.3  # stochastic depth of the student
+    # input channels (multispectral, microscopy); crops.mean and crops.std then need as many values, and a
+    # 3-channel init.backbone is fitted by init.new_channels
+    in_chans: int = 3
 
     def check(self) -> None:
         from opendino.models.registry import MODELS, UnknownModelError, get_spec
+
+        check_minima("model", self, {"in_chans": 1})
+        if "in_chans" in self.kwargs:
+            raise ConfigError("model.kwargs.in_chans: set model.in_chans instead (one home for the channel count)")
 
         if self.arch not in MODELS:
             try:
                 get_spec(self.arch)
             except UnknownModelError as e:
                 raise ConfigError(f"model.arch: {e}") from None
+
+    def build(self, drop_path: bool = True) -> nn.Module:
+        """The backbone this section describes, freshly initialised; ``drop_path``: with the student's
+        stochastic depth."""
+        from opendino.models import build_model
+
+        kwargs = {"drop_path_rate": self.drop_path_rate} if drop_path else {}
+        return build_model(self.arch, **{**kwargs, "in_chans": self.in_chans, **self.kwargs})
 
 
 @dataclasses.dataclass
@@ -104,6 +119,12 @@ class InitConfig:
     # worked better than every other block at demo scale (docs/distillation.md).
     backbone_blocks: list[int] | None = None
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
+    # ... then its lr ramped linearly from 0 to the schedule's over this many steps (layer-wise decay kept)
+    backbone_ramp_steps: int = 0
+    # a 3-channel init.backbone in a model of model.in_chans channels: mean (the new channels' filters are
+    # the mean of the RGB ones, the whole filter rescaled by 3/N) | zero (new filters zero: the released
+    # model's features exactly, whatever the new channels hold); models/channels.py
+    new_channels: str = "mean"
     # Start a stage from an earlier run folder (its newest checkpoint):
     #   continue: models, heads, optimizer and step counter carry on (Gram anchoring after pretraining);
     #   teacher: student and EMA teacher both start from its EMA teacher with heads, fresh optimizer and
@@ -112,7 +133,10 @@ class InitConfig:
     from_mode: str = "continue"  # continue | teacher (above)
 
     def check(self) -> None:
-        check_minima("init", self, {"head_warmup_steps": 0})
+        from opendino.models.channels import NEW_CHANNEL_RULES
+
+        check_minima("init", self, {"head_warmup_steps": 0, "backbone_ramp_steps": 0})
+        check_choice("init.new_channels", self.new_channels, NEW_CHANNEL_RULES)
         check_choice("init.from_mode", self.from_mode, ("continue", "teacher"))
 
 

@@ -21,6 +21,7 @@ from opendino.schedules import Schedule
 
 TOKENS_USED = ("all", "masked", "unmasked")
 PEAK_TEACHER = "dense_peak"  # gram.checkpoint: the dense monitor's best backbone (runs.DENSE_PEAK)
+INIT_TEACHER = "init"  # gram.checkpoint: the starting backbone itself (init.backbone), fixed
 
 
 @dataclasses.dataclass
@@ -30,7 +31,8 @@ class GramConfig:
     enabled: bool = False  # add the Gram anchoring loss (a stage of its own, docs/design/recipe.md §2.6)
     loss_weight: float = 1.0  # used when the preset has no `schedules.gram_loss_weight`
     # The Gram teacher: a backbone file or run folder, or `dense_peak`: the EMA teacher at the best dense
-    # monitor score of the run this stage continues (init.from_run, run with monitor.keep_peak); default: the
+    # monitor score of the run this stage continues (init.from_run, run with monitor.keep_peak), or `init`:
+    # the starting model (init.backbone), so that an adapted model keeps its dense structure; default: the
     # EMA teacher
     checkpoint: str | None = None
     # Not used by the official configs: no Gram teacher network, the EMA teacher's own patch features of

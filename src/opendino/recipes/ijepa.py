@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from opendino.config import ConfigError, check_choice, check_minima
 from opendino.data.masking import MultiBlockSpec, multiblock_masks
-from opendino.models import build_model
 from opendino.models.predictor import JEPAPredictor
 from opendino.recipes.base import DataNeeds, ParallelPlan, Recipe, clip_per_submodule, ema_update_
 from opendino.recipes.gram import GramAnchor
@@ -96,7 +95,7 @@ class IJEPARecipe(Recipe):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg, own = cfg, cfg.ijepa
-        backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
+        backbone = cfg.model.build()
         if not hasattr(backbone, "forward_kept"):
             raise ConfigError(f"ijepa: model.arch={cfg.model.arch} cannot encode a subset of patches (a ViT can)")
         heads = own.predictor_heads or backbone.num_heads
@@ -156,7 +155,12 @@ class IJEPARecipe(Recipe):
     def param_groups(self) -> list[dict]:
         optim = self.cfg.optim
         settings = param_settings(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
-        return param_groups(settings, frozen_until={"backbone": self.cfg.init.head_warmup_steps})
+        init = self.cfg.init
+        return param_groups(
+            settings,
+            frozen_until={"backbone": init.head_warmup_steps},
+            ramp_steps={"backbone": init.backbone_ramp_steps},
+        )
 
     def train(self, mode: bool = True) -> IJEPARecipe:
         super().train(mode)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from opendino import runs
 from opendino.config import ConfigError
-from opendino.recipes.gram import PEAK_TEACHER
+from opendino.models.channels import fit_input_layer, input_layer
+from opendino.recipes.gram import INIT_TEACHER, PEAK_TEACHER
 from opendino.runs import load_backbone, newest_state, prefixed
 
 if TYPE_CHECKING:
@@ -36,14 +37,20 @@ def initialise(recipe: SSLRecipe, say: Callable[[str], None]) -> tuple[int, dict
 
 def start_gram_teacher(recipe: Recipe) -> None:
     """A recipe's Gram teacher (``recipe.gram_teacher``, if any) from ``gram.checkpoint``, else a copy of
-    the EMA teacher it follows at the start of the run."""
+    the EMA teacher it follows at the start of the run (``init``: the starting backbone, ``init.backbone``,
+    fitted to the model's input channels as the backbones are)."""
     if getattr(recipe, "gram_teacher", None) is None:
         return
-    if recipe.cfg.gram.checkpoint:
-        source = recipe.cfg.gram.checkpoint
-        if source == PEAK_TEACHER:
-            source = str(dense_peak_file(recipe.cfg.init.from_run))
-        recipe.gram_teacher.load_state_dict(load_backbone(source, "gram.checkpoint").state_dict())
+    cfg = recipe.cfg
+    if cfg.gram.checkpoint:
+        source = {
+            PEAK_TEACHER: lambda: str(dense_peak_file(cfg.init.from_run)),
+            INIT_TEACHER: lambda: cfg.init.backbone,
+        }
+        source = source.get(cfg.gram.checkpoint, lambda: cfg.gram.checkpoint)()
+        state = load_backbone(source, "gram.checkpoint").state_dict()
+        state = fit_input_layer(state, recipe.gram_teacher, f"gram.checkpoint={source}", cfg.init.new_channels)
+        recipe.gram_teacher.load_state_dict(state)
     else:
         recipe.gram.refresh()
 
@@ -109,6 +116,13 @@ def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
         name, state = f"distill.teacher={teacher}", load_backbone(teacher, "distill.teacher").state_dict()
     if init.backbone_blocks is not None:
         state = select_blocks(state, init.backbone_blocks, name)
+    key, want = input_layer(state), recipe.cfg.model.in_chans
+    if key is not None and state[key].shape[1] != want:
+        say(
+            f"{name}: its {state[key].shape[1]}-channel input layer fitted to model.in_chans={want} by the rule "
+            f"init.new_channels={init.new_channels}"
+        )
+    state = fit_input_layer(state, recipe.student.backbone, name, init.new_channels)
     for model in (recipe.student.backbone, recipe.teacher.backbone):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

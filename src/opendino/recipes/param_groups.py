@@ -56,10 +56,14 @@ def param_settings(
 
 
 def param_groups(
-    settings: list[ParamSetting], fuse: bool = True, frozen_until: dict[str, int] | None = None
+    settings: list[ParamSetting],
+    fuse: bool = True,
+    frozen_until: dict[str, int] | None = None,
+    ramp_steps: dict[str, int] | None = None,
 ) -> list[dict]:
     """Optimizer groups; fused ones merge equal (lr, wd, last-layer) settings within each submodule.
-    ``frozen_until``: submodule name -> the step before which its lr is 0 (heads warming up)."""
+    ``frozen_until``: submodule name -> the step before which its lr is 0 (heads warming up);
+    ``ramp_steps``: submodule name -> the steps over which its lr then ramps back (train/optim.py)."""
     groups: dict[tuple, dict] = {}
     for i, s in enumerate(settings):
         key = (s.name.split(".")[0], s.lr_multiplier, s.wd_multiplier, s.is_last_layer) if fuse else (i,)
@@ -72,6 +76,7 @@ def param_groups(
                 "wd_multiplier": s.wd_multiplier,
                 "is_last_layer": s.is_last_layer,
                 "frozen_until": (frozen_until or {}).get(s.name.split(".")[0], 0),
+                "ramp_steps": (ramp_steps or {}).get(s.name.split(".")[0], 0),
             },
         )
         group["params"].append(s.param)

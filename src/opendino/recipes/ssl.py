@@ -29,7 +29,6 @@ from opendino.losses import (
     sinkhorn_knopp,
     total_loss,
 )
-from opendino.models import build_model
 from opendino.recipes.base import DataNeeds, MaskSpec, ParallelPlan, Recipe, clip_per_submodule, ema_update_
 from opendino.recipes.gram import GramAnchor
 from opendino.recipes.param_groups import param_groups, param_settings
@@ -69,7 +68,7 @@ class SSLModel(nn.Module):
 def build_student(cfg: Any) -> SSLModel:
     """A backbone and its two heads as the ``model``, ``dino_head`` and ``ibot_head`` sections of ``cfg``
     say; with ``loss.shared_head`` the iBOT term uses the DINO head (``ibot_head`` is None)."""
-    backbone = build_model(cfg.model.arch, **{"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs})
+    backbone = cfg.model.build()
     dino_head = cfg.dino_head.build(backbone.embed_dim)
     return SSLModel(backbone, dino_head, None if cfg.loss.shared_head else cfg.ibot_head.build(backbone.embed_dim))
 
@@ -167,7 +166,12 @@ class SSLRecipe(Recipe):
     def param_groups(self) -> list[dict]:
         optim = self.cfg.optim
         settings = param_settings(self.student, optim.layerwise_decay, optim.patch_embed_lr_mult)
-        return param_groups(settings, frozen_until={"backbone": self.cfg.init.head_warmup_steps})
+        init = self.cfg.init
+        return param_groups(
+            settings,
+            frozen_until={"backbone": init.head_warmup_steps},
+            ramp_steps={"backbone": init.backbone_ramp_steps},
+        )
 
     def train(self, mode: bool = True) -> SSLRecipe:
         super().train(mode)

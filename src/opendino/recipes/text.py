@@ -31,7 +31,6 @@ from opendino.losses.contrastive import (
     SIGLIP_LOGIT_BIAS_INIT,
     SIGLIP_LOGIT_SCALE_INIT,
 )
-from opendino.models import build_model
 from opendino.models.text import TEXT_EXPORT, TEXT_TOWERS, TextAlignedModel, VisionHead, build_text_tower
 from opendino.recipes.base import DataNeeds, ParallelPlan, Recipe
 from opendino.recipes.param_groups import ParamSetting, param_groups
@@ -101,8 +100,7 @@ class TextRecipe(Recipe):
             backbone = load_backbone(cfg.init.backbone, "init.backbone")
             backbone.requires_grad_(False)
         else:
-            kwargs = {"drop_path_rate": cfg.model.drop_path_rate, **cfg.model.kwargs}
-            backbone = build_model(cfg.model.arch, **kwargs)
+            backbone = cfg.model.build()
         head = VisionHead(
             backbone.embed_dim,
             num_heads=backbone.num_heads,
@@ -225,7 +223,12 @@ class TextRecipe(Recipe):
             if param.requires_grad:
                 decay = param.ndim >= 2 and "logit" not in name
                 settings.append(ParamSetting(name, param, 1.0, 1.0 if decay else 0.0, False))
-        return param_groups(settings, frozen_until={"backbone": self.cfg.init.head_warmup_steps})
+        init = self.cfg.init
+        return param_groups(
+            settings,
+            frozen_until={"backbone": init.head_warmup_steps},
+            ramp_steps={"backbone": init.backbone_ramp_steps},
+        )
 
     def train(self, mode: bool = True) -> TextRecipe:
         super().train(mode)

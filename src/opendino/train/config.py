@@ -23,7 +23,7 @@ from opendino.recipes.config import (
     LossConfig,
     ModelConfig,
 )
-from opendino.recipes.gram import PEAK_TEACHER, GramConfig
+from opendino.recipes.gram import INIT_TEACHER, PEAK_TEACHER, GramConfig
 from opendino.recipes.ijepa import IJEPAConfig
 from opendino.recipes.text import TextConfig
 from opendino.schedules import LOOP_SCHEDULES, SCALING_RULES, ScheduleSpec
@@ -64,6 +64,9 @@ class TrainLoopConfig:
     batch_size: int = 64  # images per rank
     epoch_length: int = 1250  # steps per "epoch" of the schedules (not a pass over the data)
     steps: int | None = None  # run length; default: optim.epochs * epoch_length
+    # micro-batches of batch_size per optimizer step (gradient accumulation: a k-times batch on one device;
+    # the batch-level terms, Sinkhorn-Knopp centring and KoLeo, are each micro-batch's own)
+    accumulate: int = 1
     seed: int = 0  # weights, data order, crops and masks all follow from it
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile every block, head and (in one process) the loss region
@@ -72,7 +75,8 @@ class TrainLoopConfig:
     recipe: str = "ssl"
 
     def check(self) -> None:
-        check_minima("train", self, {"steps": 1, "batch_size": 1, "epoch_length": 1, "max_bad_steps": 1})
+        minima = {"steps": 1, "batch_size": 1, "epoch_length": 1, "max_bad_steps": 1, "accumulate": 1}
+        check_minima("train", self, minima)
         recipe_class(self.recipe)
 
 
@@ -177,6 +181,18 @@ class TrainConfig:
         if self.gram.checkpoint == PEAK_TEACHER and not self.init.from_run:
             raise ConfigError(
                 f"gram.checkpoint={PEAK_TEACHER} reads the peak of the run this stage continues: set init.from_run"
+            )
+        if self.gram.checkpoint == INIT_TEACHER and not self.init.backbone:
+            raise ConfigError(f"gram.checkpoint={INIT_TEACHER} anchors to the starting model: set init.backbone")
+        channels = self.model.in_chans
+        if len(self.crops.mean) != channels or len(self.crops.std) != channels:
+            raise ConfigError(
+                f"crops.mean has {len(self.crops.mean)} and crops.std {len(self.crops.std)} values but model.in_chans="
+                f"{channels}: give one per channel (`opendino data stats PATH --channels {channels}` measures them)"
+            )
+        if channels != 3 and self.monitor.every and self.monitor.dense:
+            raise ConfigError(
+                f"the dense monitor scores RGB synthetic scenes; model.in_chans={channels}: set monitor.dense=false"
             )
         if self.monitor.every % self.log.every:
             raise ConfigError(f"monitor.every={self.monitor.every} must be a multiple of log.every={self.log.every}")

@@ -28,15 +28,38 @@ class StepResult:
 
 
 def train_step(
-    recipe: Recipe, optimizer: torch.optim.Optimizer, batch: dict, *, step: int = 0, clip_grad: float = 0.0
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    batch: dict | list[dict],
+    *,
+    step: int = 0,
+    clip_grad: float = 0.0,
 ) -> StepResult:
-    """``step``: the index handed to ``recipe.after_update``; ``clip_grad``: the max gradient norm per
-    clipping unit of the recipe (0: measure only)."""
-    device = batch["labels"].device  # every recipe's batch has labels (on the device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, terms = recipe(batch)
+    """``batch``: one batch, or the micro-batches of a step (``train.accumulate``): their gradients add up
+    (each loss divided by their number) before one clipping and one optimizer step, and data parallelism
+    synchronises them once, after the last. Batch-level terms (Sinkhorn-Knopp, KoLeo, centres) are each
+    micro-batch's own. ``step``: the index handed to ``recipe.after_update``; ``clip_grad``: the max gradient
+    norm per clipping unit of the recipe (0: measure only)."""
+    micro = [batch] if isinstance(batch, dict) else list(batch)
+    device = micro[0]["labels"].device  # every recipe's batch has labels (on the device)
+    trained = recipe.parallel_plan().trained
+    # DDP (replicate) and FSDP2 both offer it; a single process has nothing to synchronise
+    set_sync = getattr(trained, "set_requires_gradient_sync", None) if len(micro) > 1 else None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses, part_terms = [], []
+    for i, part in enumerate(micro):
+        if set_sync is not None:
+            set_sync(i == len(micro) - 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, these_terms = recipe(part)
+        # one batch: the loss itself (accumulate=1 is bit for bit the step without accumulation)
+        (loss if len(micro) == 1 else loss / len(micro)).backward()
+        losses.append(loss.detach())
+        part_terms.append({k: v.detach() for k, v in these_terms.items()})
+    loss, terms = losses[0], part_terms[0]
+    if len(micro) > 1:  # the step's values: the means over its micro-batches
+        loss = torch.stack(losses).mean()
+        terms = {k: torch.stack([t[k] for t in part_terms]).mean() for k in terms}
     norms = recipe.clip_gradients(clip_grad)
     # A non-finite loss on any rank poisons the averaged gradients of all: every rank skips the step.
     found_inf = all_reduce_max((~torch.isfinite(loss)).float())
@@ -44,4 +67,4 @@ def train_step(
     optimizer.found_inf = found_inf  # read by the fused AdamW kernel
     optimizer.step()
     recipe.after_update(step, finite)
-    return StepResult(loss.detach(), {k: v.detach() for k, v in terms.items()}, norms, finite)
+    return StepResult(loss, terms, norms, finite)

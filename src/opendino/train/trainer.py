@@ -103,8 +103,10 @@ class Member:
             options = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(trained, self.optimizer, optimizer_state, options=options)
             for live, fresh in zip(self.optimizer.param_groups, groups, strict=True):
-                live["frozen_until"] = fresh["frozen_until"]  # this run's config, not the saved one
-        scale = scale_lr(1.0, cfg.optim.scaling_rule, cfg.train.batch_size, world_size=env.world_size)
+                for key in ("frozen_until", "ramp_steps"):  # this run's config, not the saved one
+                    live[key] = fresh.get(key, 0)
+        per_rank = cfg.train.batch_size * cfg.train.accumulate  # the images of one optimizer step
+        scale = scale_lr(1.0, cfg.optim.scaling_rule, per_rank, world_size=env.world_size)
         specs = {name: cfg.schedules[name] for name in LOOP_SCHEDULES}
         self.schedules = build_schedules(specs, cfg.optim.epochs, cfg.train.epoch_length, scale)
         if env.is_main:
@@ -113,13 +115,14 @@ class Member:
         recipe.train()
         return start
 
-    def step(self, step: int, batch: dict) -> StepResult:
+    def step(self, step: int, batches: list[dict]) -> StepResult:
+        """One optimizer step on the step's micro-batches (one without ``train.accumulate``)."""
         s = self.schedules
         self.streams.enter()  # its own streams: a member draws the same with or without others
         apply_schedules(self.optimizer, s["lr"][step], s["weight_decay"][step], s["last_layer_lr"][step], step)
-        self.skipped += len(batch["skipped"])
+        self.skipped += sum(len(b["skipped"]) for b in batches)
         self.logged = self.recipe.before_step(step)
-        result = train_step(self.recipe, self.optimizer, batch, step=step, clip_grad=self.cfg.optim.clip_grad)
+        result = train_step(self.recipe, self.optimizer, batches, step=step, clip_grad=self.cfg.optim.clip_grad)
         self.pending.append((step, result.finite))
         self.streams.leave()
         return result
@@ -178,6 +181,8 @@ class Member:
     def finish(self) -> None:
         """Exports the recipe's model (``teacher.safetensors``)."""
         module = self.recipe.export_module()
+        crops = self.cfg.crops  # recorded in the file: what its inputs must be normalised with
+        module.input_normalisation = (tuple(crops.mean), tuple(crops.std))
         weights = get_model_state_dict(module, options=FULL_STATE)
         if self.env.is_main:
             save_model(module, self.run_dir / runs.EXPORT, state=weights)
@@ -214,7 +219,8 @@ class Trainer:
     def setup(self) -> int:
         """Members built or resumed, the shared pass, the batches and the monitor; returns the first step."""
         cfg, env = self.cfg, self.env
-        self.source = open_training_source(cfg.data)  # first: a bad data.path fails before anything is built
+        # first: a bad data.path (or images of another channel count) fails before anything is built
+        self.source = open_training_source(cfg.data, cfg.model.in_chans)
         self.members = members = self._members()
         starts = {m.build(runs.common_steps([m.ckpt_dir for m in members])) for m in members}
         if len(starts) != 1:
@@ -224,7 +230,9 @@ class Trainer:
         if self.shared is not None:
             self.shared.to(self.device)
             parallelize(self.shared, cfg.parallel, cfg.train.compile, env.world_size, self.device)
-        self.batches = self.pipeline(members[0].recipe.data_needs(self.shared)).batches(self.source, start)
+        # the data stream counts micro-batches: step s takes those of s * accumulate, ...
+        needs = members[0].recipe.data_needs(self.shared)
+        self.batches = self.pipeline(needs).batches(self.source, start * cfg.train.accumulate)
         self.monitor = None
         if cfg.monitor.every and cfg.monitor.dense:
             patch = getattr(members[0].recipe.export_module(), "patch_size", 16)
@@ -258,12 +266,13 @@ class Trainer:
         self.skipped_log = SkippedImagesLog(self.run_dir) if env.is_main else None
         try:
             for step in range(start, cfg.total_steps):
-                batch = next(self.batches)
-                if self.shared is not None:
-                    batch.update(self.shared(batch))
-                results = [m.step(step, batch) for m in self.members]
-                self.skipped += batch["skipped"]
-                self.window_images += batch["labels"].shape[0]
+                batches = [next(self.batches) for _ in range(cfg.train.accumulate)]
+                for batch in batches:
+                    if self.shared is not None:
+                        batch.update(self.shared(batch))
+                    self.skipped += batch["skipped"]
+                    self.window_images += batch["labels"].shape[0]
+                results = [m.step(step, batches) for m in self.members]
                 last = step + 1 == cfg.total_steps
                 if (step + 1) % cfg.log.every == 0 or last:
                     self.log_window(step, results, bar)
