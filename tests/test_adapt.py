@@ -414,3 +414,45 @@ def test_extract_and_visualize_read_n_channel_images(tmp_path):
     assert main([*args, "--resolution", "32", "--view", "4,2,0"]) == 0
     assert len(list(pictures.glob("*.png"))) == 3
     assert main([*args, "--resolution", "32", "--view", "5,2,0"]) == 2
+
+
+def test_recipes_that_cannot_take_other_channels_say_so(tmp_path):
+    four = ["model.in_chans=4", "crops.mean=[0.5,0.5,0.5,0.5]", "crops.std=[0.2,0.2,0.2,0.2]", "monitor.every=0"]
+    with pytest.raises(ConfigError, match="the text recipe aligns RGB image backbones"):
+        load_train_config(REPO / "configs" / "text" / "demo.yaml", [*four, "init.backbone=x"])
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    teacher = tmp_path / "teacher"
+    Trainer(load_train_config(preset, [f"run.dir={teacher}", "train.steps=1"])).run()
+    folder = _tif_folder(tmp_path / "tifs", 4)
+    student = [
+        f"run.dir={tmp_path / 'student'}",
+        f"distill.teacher={teacher}",
+        "data.source=null",
+        f"data.path={folder}",
+    ]
+    cfg = load_train_config(preset, [*student, *four])
+    with pytest.raises(ConfigError, match="takes 3 input channels and the students model.in_chans=4"):
+        Trainer(cfg).run()
+
+
+def test_the_gram_anchor_to_the_start_takes_the_same_blocks(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(TINY))
+    deep = build_model("vit_small", **{**TINY["model"]["kwargs"], "depth": 3})
+    save_model(deep, tmp_path / "deep.safetensors")
+    overrides = [
+        f"run.dir={tmp_path / 'run'}",
+        f"init.backbone={tmp_path / 'deep.safetensors'}",
+        "init.backbone_blocks=[2,0]",
+        "gram.enabled=true",
+        "gram.checkpoint=init",
+        "train.steps=1",
+    ]
+    trainer = Trainer(load_train_config(preset, overrides))
+    trainer.setup()
+    recipe = trainer.members[0].recipe
+    assert all(
+        torch.equal(v, recipe.teacher.backbone.state_dict()[k]) for k, v in recipe.gram_teacher.state_dict().items()
+    )
+    assert torch.equal(recipe.gram_teacher.blocks[0].attn.qkv.weight, deep.blocks[2].attn.qkv.weight)

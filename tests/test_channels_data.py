@@ -104,6 +104,13 @@ def test_array_values_and_layout_rules(tmp_path):
     assert decode_image(tmp_path / "two.npy", channels=2)[:, 0, 0].tolist() == [1, 255]
 
 
+def test_non_finite_values_are_zero_and_do_not_set_the_range():
+    raster = np.full((4, 4), 0.5, np.float32)
+    raster[0, 0], raster[1, 1] = np.nan, np.inf  # "no data" in a float raster
+    out = to_uint8(raster)
+    assert out[0, 0] == out[1, 1] == 0 and (np.delete(out.ravel(), [0, 5]) == 128).all()
+
+
 def test_16bit_png_keeps_one_channel_and_the_shared_rule(tmp_path):
     wide = np.random.default_rng(3).integers(0, 65536, (12, 14), dtype=np.uint16)
     path = tmp_path / "grey16.png"
@@ -116,8 +123,12 @@ def test_16bit_png_keeps_one_channel_and_the_shared_rule(tmp_path):
 
 def test_one_channel_becomes_rgb_and_other_mismatches_raise(tmp_path, four):
     grey = four[:, :, 0]
-    np.save(tmp_path / "grey.npy", grey)
-    assert torch.equal(decode_image(tmp_path / "grey.npy"), torch.from_numpy(grey).expand(3, -1, -1))
+    Image.fromarray(grey).save(tmp_path / "grey.png")  # a grey picture is shown in RGB ...
+    assert torch.equal(decode_image(tmp_path / "grey.png"), torch.from_numpy(grey).expand(3, -1, -1))
+    np.save(tmp_path / "grey.npy", grey)  # ... a 2-D array (a mask, a feature matrix) is not an RGB image
+    with pytest.raises(ChannelMismatchError, match="1 channels, 3 requested"):
+        decode_image(tmp_path / "grey.npy")
+    assert torch.equal(decode_image(tmp_path / "grey.npy", channels=1)[0], torch.from_numpy(grey))
     np.save(tmp_path / "four.npy", four)
     with pytest.raises(ChannelMismatchError) as error:
         decode_image(tmp_path / "four.npy")

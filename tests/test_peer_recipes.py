@@ -200,15 +200,20 @@ def test_the_context_encoder_on_every_patch_is_the_whole_network_and_drop_path_f
     assert torch.isfinite(loss)
 
 
-def test_ijepa_masks_follow_the_step_only(tmp_path):
+def test_ijepa_masks_follow_the_step_and_the_micro_batch_only(tmp_path):
     recipe, _ = _ijepa(tmp_path)
+    cpu = torch.device("cpu")
+
+    def same(x, y):
+        return all(u.shape == v.shape and torch.equal(u, v) for u, v in zip(x, y, strict=True))
+
     recipe.before_step(5)
-    a = recipe.draw_masks(4, (8, 8), torch.device("cpu"))
-    b = recipe.draw_masks(4, (8, 8), torch.device("cpu"))
+    a, second = recipe.draw_masks(4, (8, 8), cpu), recipe.draw_masks(4, (8, 8), cpu)  # micro-batches 0 and 1
+    recipe.before_step(5)
+    assert same(recipe.draw_masks(4, (8, 8), cpu), a) and same(recipe.draw_masks(4, (8, 8), cpu), second)
+    assert not same(a, second), "each micro-batch of a step (train.accumulate) has its own masks"
     recipe.before_step(6)
-    c = recipe.draw_masks(4, (8, 8), torch.device("cpu"))
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    assert not same(recipe.draw_masks(4, (8, 8), cpu), a)
 
 
 def test_the_ijepa_target_is_the_layer_normalised_ema_feature_and_l2_is_an_option(tmp_path):

@@ -301,11 +301,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from opendino.data.sources import ChannelMismatchError, NoImagesError, decode_image, list_images
+    from opendino.data.sources import NoImagesError, decode_or_skip, list_images
     from opendino.eval.features import eval_transform
     from opendino.eval.suite import resolve_model
     from opendino.eval.visualize import picture
-    from opendino.models.channels import input_channels
+    from opendino.models.registry import input_channels
 
     model, info = resolve_model(args.model)
     res = args.resolution or info["resolution"]
@@ -334,12 +334,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(res, info["mean"], info["std"])
     for path in paths:
-        try:
-            image = decode_image(path, channels=channels)
-        except ChannelMismatchError as e:
-            raise UsageError(str(e)) from None
+        image = decode_or_skip(path, channels, say=lambda why: print(f"skipped: {why}", file=sys.stderr))
         if image is None:
-            print(f"skipped (unreadable): {path}", file=sys.stderr)
+            print(f"skipped (unreadable or of another channel count): {path}", file=sys.stderr)
             continue
         picture(model, image, transform, res, point, args.foreground, view).save(out / f"{Path(path).stem}.png")
     print(f"wrote {len(paths)} pictures (input | PCA | similarity) to {out}")
@@ -624,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--view",
         default=None,
         help="R,G,B: the image channels shown as red, green and blue (images of more or fewer than 3 channels; "
-        "default: the first three, or the only one as grey)",
+        "default: the first three, the only one as grey, or of two 0,1,0)",
     )
     p.set_defaults(func=cmd_visualize)
 

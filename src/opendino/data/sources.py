@@ -101,16 +101,30 @@ def decode_image(data: str | Path | bytes, max_side: int = MAX_SIDE, channels: i
         return None
     if isinstance(image, Tensor):  # the fast JPEG path: already [3, H, W] at full size
         return image
-    image = _reduce(_fit_channels(image, channels, data), max_side)
+    # An array is never repeated into RGB like a grey picture: a 2-D array beside images is more often a
+    # mask or a feature matrix than a grey image.
+    image = _reduce(_fit_channels(image, channels, data, repeat_grey=not raw.startswith(NUMPY_MAGICS)), max_side)
     # One copy into [C, H, W]: it also owns its memory (PIL's arrays are read-only views).
     return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))
+
+
+def decode_or_skip(data: str | Path | bytes, channels: int = 3, say=None) -> Tensor | None:
+    """``decode_image``, with an image of another channel count None like an unreadable one (``say``, if
+    given, is told why): for tools that skip what they cannot use, as the sources' ``load`` does."""
+    try:
+        return decode_image(data, channels=channels)
+    except ChannelMismatchError as e:
+        if say is not None:
+            say(str(e))
+        return None
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
     """8-bit values of an image of any dtype, by one rule for the whole image (all its channels, not each
     channel apart, so that channels keep their relative brightness): bool is 0 / 255; uint8 is kept;
     otherwise the image is scaled by 1 when it is float with max <= 1, kept when its max is <= 255, else
-    divided by 65535 (16-bit), and then clipped to [0, 255] (negative values become 0)."""
+    divided by 65535 (16-bit), and then clipped to [0, 255] (negative values become 0). Non-finite values
+    (NaN as "no data", infinities) are 0 and do not count in the maximum."""
     if values.dtype == np.bool_:
         return values.astype(np.uint8) * 255
     if values.dtype == np.uint8:
@@ -118,6 +132,8 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
         raise ValueError(f"an image of dtype {values.dtype} has no pixel values")
     arr = values.astype(np.float64)
+    finite = np.isfinite(arr)
+    arr = np.where(finite, arr, 0.0)
     peak = arr.max()
     if np.issubdtype(values.dtype, np.floating) and peak <= 1.0:
         top = 1.0
@@ -229,13 +245,14 @@ def _fits(found: int, channels: int) -> bool:
     return found == channels or (found == 1 and channels == 3)
 
 
-def _fit_channels(image: np.ndarray, channels: int, data: str | Path | bytes) -> np.ndarray:
-    """``image`` with ``channels`` channels: one channel is repeated into RGB for ``channels=3``; any other
-    difference is an error, since which channels to drop or invent is the user's choice to make."""
+def _fit_channels(image: np.ndarray, channels: int, data: str | Path | bytes, repeat_grey: bool = True) -> np.ndarray:
+    """``image`` with ``channels`` channels: one channel is repeated into RGB for ``channels=3`` (with
+    ``repeat_grey``); any other difference is an error, since which channels to drop or invent is the
+    user's choice to make."""
     found = image.shape[2]
     if found == channels:
         return image
-    if _fits(found, channels):
+    if repeat_grey and _fits(found, channels):
         return np.repeat(image, channels, axis=2)
     where = "" if isinstance(data, bytes) else f"{data}: "
     raise ChannelMismatchError(

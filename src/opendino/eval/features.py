@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from opendino.data.sources import ImageSource
-from opendino.models.channels import input_channels
+from opendino.models.registry import input_channels
 from opendino.models.vit import global_feature
 
 OUTPUT_FORMATS = (".safetensors", ".npz", ".npy")

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from opendino.models.registry import input_channels
+
 
 class PixelBaseline(nn.Module):
     """Raw normalised pixels as features: pooled to ``grid x grid`` globally, per patch densely."""
@@ -70,5 +72,5 @@ class PixelBaseline(nn.Module):
 
 def pixel_baseline_like(model: nn.Module, grid: int = 16) -> PixelBaseline:
     """The pixel baseline of an evaluated model: its stride and number of input channels."""
-    in_chans = getattr(model, "model_kwargs", {}).get("in_chans", 3)
+    in_chans = input_channels(model)
     return PixelBaseline(model.feature_stride, grid=grid, in_chans=in_chans)

@@ -13,11 +13,11 @@ from pathlib import Path
 from PIL import Image
 from torch import nn
 
-from opendino.data.sources import decode_image
+from opendino.data.sources import decode_or_skip
 from opendino.eval.features import eval_transform
 from opendino.eval.pixels import PixelBaseline
 from opendino.eval.visualize import picture
-from opendino.models.channels import input_channels
+from opendino.models.registry import input_channels
 
 LOWER_IS_BETTER = {"rmse", "abs_rel", "mean_error_px"}
 HEADLINE = {
@@ -110,7 +110,7 @@ def _pictures(
         name: eval_transform(res, *normalisation.get(name, (settings["mean"], settings["std"]))) for name in models
     }
     channels = input_channels(next(iter(models.values())))  # every model of a report takes the same
-    decoded = [image for image in (decode_image(p, channels=channels) for p in images) if image is not None]
+    decoded = [image for image in (decode_or_skip(p, channels) for p in images) if image is not None]
     rows = [
         picture(model, image, transforms[name], res).resize((3 * 160 + 8, 160), Image.NEAREST)
         for image in decoded

@@ -47,7 +47,7 @@ from opendino.eval.text import (
 )
 from opendino.models import MODELS, load_model
 from opendino.models.checkpoint import CheckpointError
-from opendino.models.registry import LVD_MEAN, LVD_STD, create, normalisation
+from opendino.models.registry import create, input_channels, normalisation
 from opendino.probes import knn_accuracy, nearest_neighbour_segmentation
 
 IMAGE_TASKS = ("knn", "linear", "logreg", "seg", "depth", "corr")
@@ -66,9 +66,11 @@ def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
             raise FileNotFoundError(f"{path} has no {runs.EXPORT}: is it a finished `opendino train` run?")
         crops = runs.read_config(path).get("crops", {}) if runs.is_run(path) else {}
         model = load_model(weights)
+        # the run's own crops settings, else what the file records (normalisation)
+        mean, std = (crops["mean"], crops["std"]) if "mean" in crops else normalisation(model)
         return model, {
-            "mean": tuple(crops.get("mean", LVD_MEAN)),
-            "std": tuple(crops.get("std", LVD_STD)),
+            "mean": tuple(mean),
+            "std": tuple(std),
             "resolution": crops.get("global_size", 224),
             "out": path / "eval",
         }
@@ -212,7 +214,7 @@ def load_baselines(
     a ValueError before any work for one that cannot be compared: another number of input channels, a
     stride that does not divide the resolution. ``dense``: whether its patch grid is the evaluated model's
     (the dense tasks compare only then)."""
-    channels = getattr(model, "model_kwargs", {}).get("in_chans", 3)
+    channels = input_channels(model)
     grid = resolution // model.feature_stride
     loaded: dict[str, tuple[nn.Module, dict]] = {}
     for source in baselines:
@@ -236,7 +238,7 @@ def load_baselines(
         if str(source) in MODELS:
             torch.manual_seed(0)  # a registered name is its random initialisation: seed 0, like random_init_like
         other, other_info = resolve_model(source)
-        other_channels = getattr(other, "model_kwargs", {}).get("in_chans", 3)
+        other_channels = input_channels(other)
         if other_channels != channels:
             raise ValueError(
                 f"baseline {source}: {other_channels} input channels, the evaluated model has {channels}; "

@@ -99,9 +99,10 @@ def picture(
 
 def rgb_view(image: Tensor, channels: Sequence[int] | None = None) -> Tensor:
     """The 3 channels of ``image`` ``[C, H, W]`` shown as red, green and blue: ``channels`` (3 indices),
-    by default the first three, or the only one as grey."""
+    by default the first three, the only one as grey, or of two the first as magenta and the second as
+    green."""
     if channels is None:
-        channels = (0, 1, 2) if image.shape[0] >= 3 else (0, 0, 0)
+        channels = {1: (0, 0, 0), 2: (0, 1, 0)}.get(image.shape[0], (0, 1, 2))
     if len(channels) != 3 or any(not 0 <= c < image.shape[0] for c in channels):
         raise ValueError(f"view channels {list(channels)}: give 3 indices of the image's {image.shape[0]} channels")
     return image[list(channels)]

@@ -28,11 +28,6 @@ INPUT_LAYERS = ("patch_embed.proj.weight", "downsample_layers.0.0.weight")  # Vi
 NEW_CHANNEL_RULES = ("mean", "zero")
 
 
-def input_channels(model: nn.Module) -> int:
-    """The number of input channels of a backbone (3 for models built without ``in_chans``)."""
-    return int(getattr(model, "model_kwargs", {}).get("in_chans", 3))
-
-
 def input_layer(state: Mapping[str, Tensor]) -> str | None:
     """The key of the first layer's weight in an official-layout state dict (None if it has neither)."""
     return next((k for k in INPUT_LAYERS if k in state), None)

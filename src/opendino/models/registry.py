@@ -257,13 +257,18 @@ def get_spec(name: str) -> ModelSpec:
         raise UnknownModelError(f"unknown model {name!r}.{hint} Known: {', '.join(MODELS)}") from None
 
 
+def input_channels(model: nn.Module) -> int:
+    """The number of input channels of a backbone (3 for models built without ``in_chans``)."""
+    return int(getattr(model, "model_kwargs", {}).get("in_chans", 3))
+
+
 def normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input mean and std a model was trained with: those its file records (``input_normalisation``),
     else its registered spec's, else the LVD-1689M ones, which only an RGB model can take."""
     stored = getattr(model, "input_normalisation", None)
     if stored is not None:
         return stored
-    channels = getattr(model, "model_kwargs", {}).get("in_chans", 3)
+    channels = input_channels(model)
     if channels != 3:  # a registered architecture's statistics are those of its RGB weights
         raise ValueError(
             f"the model takes {channels} input channels and records no normalisation; models exported by "

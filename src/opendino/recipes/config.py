@@ -33,13 +33,12 @@ class ModelConfig:
             except UnknownModelError as e:
                 raise ConfigError(f"model.arch: {e}") from None
 
-    def build(self, drop_path: bool = True) -> nn.Module:
-        """The backbone this section describes, freshly initialised; ``drop_path``: with the student's
-        stochastic depth."""
+    def build(self) -> nn.Module:
+        """The backbone this section describes, freshly initialised, with the student's stochastic depth."""
         from opendino.models import build_model
 
-        kwargs = {"drop_path_rate": self.drop_path_rate} if drop_path else {}
-        return build_model(self.arch, **{**kwargs, "in_chans": self.in_chans, **self.kwargs})
+        kwargs = {"drop_path_rate": self.drop_path_rate, "in_chans": self.in_chans}
+        return build_model(self.arch, **{**kwargs, **self.kwargs})
 
 
 @dataclasses.dataclass
@@ -121,9 +120,9 @@ class InitConfig:
     head_warmup_steps: int = 0  # backbone frozen (lr 0) for the first steps
     # ... then its lr ramped linearly from 0 to the schedule's over this many steps (layer-wise decay kept)
     backbone_ramp_steps: int = 0
-    # a 3-channel init.backbone in a model of model.in_chans channels: mean (the new channels' filters are
-    # the mean of the RGB ones, the whole filter rescaled by 3/N) | zero (new filters zero: the released
-    # model's features exactly, whatever the new channels hold); models/channels.py
+    # a C-channel init.backbone (released: 3) in a model of model.in_chans = N channels: mean (the new
+    # channels' filters are the mean of the file's, the whole filter rescaled by C/N) | zero (new filters
+    # zero: the file's features exactly, whatever the new channels hold); models/channels.py
     new_channels: str = "mean"
     # Start a stage from an earlier run folder (its newest checkpoint):
     #   continue: models, heads, optimizer and step counter carry on (Gram anchoring after pretraining);

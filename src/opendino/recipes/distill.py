@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from opendino import runs
-from opendino.config import build
+from opendino.config import ConfigError, build
+from opendino.models.registry import input_channels
 from opendino.recipes.base import ParallelPlan
 from opendino.recipes.config import HeadConfig, LossConfig, ModelConfig
 from opendino.recipes.ssl import SSLModel, build_student
@@ -73,6 +74,11 @@ class SharedTeacher(nn.Module):
         super().__init__()
         self.model = load_distillation_teacher(cfg.distill.teacher, *students)
         self.resolution_scale = cfg.crops.teacher_to_student_resolution_scale
+        if (channels := input_channels(self.model.backbone)) != cfg.model.in_chans:
+            raise ConfigError(
+                f"distill.teacher={cfg.distill.teacher} takes {channels} input channels and the students "
+                f"model.in_chans={cfg.model.in_chans}: both see the same crops"
+            )
 
     def forward(self, batch: dict) -> dict:
         return {"teacher_logits": distillation_teacher_logits(self.model, batch, self.resolution_scale)}

@@ -112,7 +112,7 @@ class IJEPARecipe(Recipe):
             self.gram = GramAnchor(cfg.gram, self.target, self.schedules.get("gram_loss_weight"))
             self.gram_teacher = self.gram.teacher
         self.mask_spec = own.mask_spec()
-        self.step, self.momentum = 0, self.schedules["momentum"][0]
+        self.step, self.momentum, self.micro_batch = 0, self.schedules["momentum"][0], 0
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     @classmethod
@@ -133,15 +133,14 @@ class IJEPARecipe(Recipe):
     def start_fresh(self, say: Callable[[str], None]) -> tuple[int, dict | None]:
         """``init.from_run``: a later stage carries on an earlier I-JEPA run; ``init.backbone`` (continued
         pretraining): both encoders start from those weights, the predictor fresh; then the Gram teacher."""
-        from opendino.recipes.init import continue_run, start_gram_teacher
-        from opendino.runs import load_backbone
+        from opendino.recipes.init import continue_run, fitted_backbone_state, start_gram_teacher
 
         if self.cfg.init.from_run:
             start, optimizer_state = continue_run(self, say)
             start_gram_teacher(self)
             return start, optimizer_state
         if self.cfg.init.backbone:
-            state = load_backbone(self.cfg.init.backbone).state_dict()
+            state = fitted_backbone_state(self, self.cfg.init.backbone, say=say)
             for module in (self.student.backbone, self.target):
                 module.load_state_dict(state)
             say(f"context and target encoders initialised from {self.cfg.init.backbone}; predictor fresh")
@@ -171,6 +170,7 @@ class IJEPARecipe(Recipe):
 
     def before_step(self, step: int) -> dict[str, float]:
         self.step, self.momentum = step, self.schedules["momentum"][step]
+        self.micro_batch = 0  # the masks of each micro-batch of a step differ (train.accumulate)
         values = {"momentum": self.momentum}
         if self.gram is not None:
             values.update(self.gram.before_step(step))
@@ -178,8 +178,11 @@ class IJEPARecipe(Recipe):
 
     def draw_masks(self, n_images: int, grid: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
         """This step's context ``[B, K_ctx]`` and target ``[B, n_targets, K_tgt]`` patch indices, drawn on
-        the host from (seed, step, rank) and copied without a synchronisation."""
-        seed = np.random.SeedSequence([self.cfg.train.seed, self.step, self.rank]).generate_state(1)[0]
+        the host from (seed, step, rank, and from the second micro-batch of a step on its index) and copied
+        without a synchronisation."""
+        parts = [self.cfg.train.seed, self.step, self.rank] + ([self.micro_batch] if self.micro_batch else [])
+        self.micro_batch += 1
+        seed = np.random.SeedSequence(parts).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
         context, targets = multiblock_masks(n_images, grid, generator, self.mask_spec)
         return context.to(device, non_blocking=True), targets.to(device, non_blocking=True)

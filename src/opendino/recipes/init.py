@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from opendino import runs
 from opendino.config import ConfigError
@@ -48,8 +48,11 @@ def start_gram_teacher(recipe: Recipe) -> None:
             INIT_TEACHER: lambda: cfg.init.backbone,
         }
         source = source.get(cfg.gram.checkpoint, lambda: cfg.gram.checkpoint)()
-        state = load_backbone(source, "gram.checkpoint").state_dict()
-        state = fit_input_layer(state, recipe.gram_teacher, f"gram.checkpoint={source}", cfg.init.new_channels)
+        if cfg.gram.checkpoint == INIT_TEACHER:  # the student's own start: its blocks and fitted channels
+            state = fitted_backbone_state(recipe, source, "gram.checkpoint", recipe.gram_teacher)
+        else:
+            state = load_backbone(source, "gram.checkpoint").state_dict()
+            state = fit_input_layer(state, recipe.gram_teacher, f"gram.checkpoint={source}", cfg.init.new_channels)
         recipe.gram_teacher.load_state_dict(state)
     else:
         recipe.gram.refresh()
@@ -110,26 +113,45 @@ def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
     ``init.backbone_blocks``, the distillation teacher's); the heads stay fresh."""
     init, teacher = recipe.cfg.init, recipe.cfg.distill.teacher
     if init.backbone:
-        name, state = init.backbone, load_backbone(init.backbone).state_dict()
+        setting, source = "init.backbone", init.backbone
         say(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
     else:  # init.backbone_blocks of the distillation teacher (check_config: one of the two is set)
-        name, state = f"distill.teacher={teacher}", load_backbone(teacher, "distill.teacher").state_dict()
-    if init.backbone_blocks is not None:
-        state = select_blocks(state, init.backbone_blocks, name)
-    key, want = input_layer(state), recipe.cfg.model.in_chans
-    if key is not None and state[key].shape[1] != want:
-        say(
-            f"{name}: its {state[key].shape[1]}-channel input layer fitted to model.in_chans={want} by the rule "
-            f"init.new_channels={init.new_channels}"
-        )
-    state = fit_input_layer(state, recipe.student.backbone, name, init.new_channels)
+        setting, source = "distill.teacher", teacher
+    state = fitted_backbone_state(recipe, source, setting, say=say)
     for model in (recipe.student.backbone, recipe.teacher.backbone):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{name} does not fit model.arch={recipe.cfg.model.arch}: "
+                f"{setting}={source} does not fit model.arch={recipe.cfg.model.arch}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+
+
+def fitted_backbone_state(
+    recipe: Recipe,
+    source: str,
+    setting: str = "init.backbone",
+    model: nn.Module | None = None,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Tensor]:
+    """The weights of the backbone ``source`` (a file, a name or a run folder; ``setting`` names it in
+    errors) for ``model`` (default: the recipe's student backbone): ``init.backbone_blocks`` taken, the
+    input layer fitted to the model's channels by ``init.new_channels`` (said when it changes), a
+    different patch size refused."""
+    init = recipe.cfg.init
+    model = model if model is not None else recipe.student.backbone
+    name = f"{setting}={source}"
+    state = load_backbone(source, setting).state_dict()
+    if init.backbone_blocks is not None:
+        state = select_blocks(state, init.backbone_blocks, name)
+    fitted = fit_input_layer(state, model, name, init.new_channels)
+    key = input_layer(state)
+    if say is not None and key is not None and fitted[key].shape != state[key].shape:
+        say(
+            f"{name}: its {state[key].shape[1]}-channel input layer fitted to {fitted[key].shape[1]} channels "
+            f"(init.new_channels={init.new_channels})"
+        )
+    return fitted
 
 
 def select_blocks(state: dict[str, Tensor], blocks: list[int], source: str) -> dict[str, Tensor]:

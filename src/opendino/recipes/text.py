@@ -132,6 +132,11 @@ class TextRecipe(Recipe):
     @classmethod
     def check_config(cls, cfg: Any) -> None:
         t = cfg.text
+        if cfg.model.in_chans != 3:
+            raise ConfigError(
+                f"model.in_chans={cfg.model.in_chans}: the text recipe aligns RGB image backbones (its held-out "
+                "captions, feature cache and frozen teachers are RGB); set model.in_chans=3"
+            )
         if t.mode == "locked" and not cfg.init.backbone:
             raise ConfigError(
                 "text.mode=locked aligns a text tower to a frozen image backbone: set init.backbone "
@@ -333,7 +338,7 @@ def held_out_set(data: str, n: int, size: int, mean, std, device: torch.device) 
             list(CLASSES),
             TEMPLATES["synthetic"],
         )
-    from opendino.data.sources import decode_image
+    from opendino.data.sources import decode_or_skip
     from opendino.eval.data import open_labelled
 
     split = open_labelled(Path(data))["val"]
@@ -346,7 +351,7 @@ def held_out_set(data: str, n: int, size: int, mean, std, device: torch.device) 
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import v2
 
-    pictures = [decode_image(split.paths[i]) for i in rows]
+    pictures = [decode_or_skip(split.paths[i]) for i in rows]
     keep = [k for k, img in enumerate(pictures) if img is not None]
     resized = [
         TF.resize(pictures[k], [size, size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True) for k in keep

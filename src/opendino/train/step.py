@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 # Relative imports: the package's name would be the only mention of a recipe in this file.
 from ..losses.distributed import all_reduce_max
@@ -36,15 +37,19 @@ def train_step(
     clip_grad: float = 0.0,
 ) -> StepResult:
     """``batch``: one batch, or the micro-batches of a step (``train.accumulate``): their gradients add up
-    (each loss divided by their number) before one clipping and one optimizer step, and data parallelism
-    synchronises them once, after the last. Batch-level terms (Sinkhorn-Knopp, KoLeo, centres) are each
-    micro-batch's own. ``step``: the index handed to ``recipe.after_update``; ``clip_grad``: the max gradient
-    norm per clipping unit of the recipe (0: measure only)."""
+    (each loss divided by their number) before one clipping and one optimizer step; DDP synchronises them
+    once, after the last (FSDP after each, keeping them sharded). Batch-level terms (Sinkhorn-Knopp, KoLeo,
+    centres, contrastive negatives) are each micro-batch's own. ``step``: the index handed to
+    ``recipe.after_update``; ``clip_grad``: the max gradient norm per clipping unit of the recipe (0:
+    measure only)."""
     micro = [batch] if isinstance(batch, dict) else list(batch)
     device = micro[0]["labels"].device  # every recipe's batch has labels (on the device)
     trained = recipe.parallel_plan().trained
-    # DDP (replicate) and FSDP2 both offer it; a single process has nothing to synchronise
-    set_sync = getattr(trained, "set_requires_gradient_sync", None) if len(micro) > 1 else None
+    # DDP (replicate) all-reduces once, after the last micro-batch. FSDP2 reduce-scatters every micro-batch:
+    # without it each rank would hold the full unsharded fp32 gradients, which sharding exists to avoid.
+    # A single process has nothing to synchronise.
+    sync_once = len(micro) > 1 and not isinstance(trained, FSDPModule)
+    set_sync = getattr(trained, "set_requires_gradient_sync", None) if sync_once else None
     optimizer.zero_grad(set_to_none=True)
     losses, part_terms = [], []
     for i, part in enumerate(micro):
