@@ -8,7 +8,8 @@
    the evaluation data.
 3. Two arms continue the starting model on the new domain with configs/adapt/vits16.yaml's recipe at
    demo size (fresh heads, ``--warmup`` frozen steps, a ``--ramp`` lr ramp, ``--steps`` in all): without
-   and with Gram anchoring to the starting model (``gram.checkpoint=init``), ``--seeds`` seeds each.
+   and with Gram anchoring to the starting model (``gram.checkpoint=init``), ``--seeds`` seeds each. A
+   control trains the same steps on the new domain from random weights (the demo preset as it is).
 4. ``opendino eval`` of each adapted run on the labelled new-domain folder with the starting model and the
    raw pixels as baselines (``--baseline``): k-NN, linear, linear segmentation, depth.
 
@@ -47,7 +48,17 @@ METRICS = {
     "seg mIoU": ("seg", "miou"),
     "depth RMSE ↓": ("depth", "rmse"),
 }
-ARMS = {"adapted": [], "adapted + Gram to start": ["gram.enabled=true", "gram.checkpoint=init", "gram.crop_scale=1.0"]}
+ARMS = {
+    "adapted": [],
+    "adapted + Gram to start": ["gram.enabled=true", "gram.checkpoint=init", "gram.crop_scale=1.0"],
+    # the control: the same steps on the new domain from random weights, at the demo's own lr
+    "from scratch": [
+        "init.backbone=null",
+        "init.head_warmup_steps=0",
+        "init.backbone_ramp_steps=0",
+        "schedules.lr.peak=3.0e-3",
+    ],
+}
 
 
 def false_colour(folder: Path) -> None:

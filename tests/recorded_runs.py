@@ -27,9 +27,15 @@ from tests.conftest import REPO, torchrun_train
 RECORDED = REPO / "tests" / "data" / "recorded_metrics.json"
 QUIET = ("log.every=1", "log.progress=false", "log.tensorboard=false")
 TIMING_KEYS = {"images_per_s"}
-# Logged since the recording (issue 24: the monitor's degradation diagnostics); every recorded key and
+# Logged since the recording (the monitor's degradation diagnostics, the lr ramp); every recorded key and
 # value must still be there, and these are the only new ones allowed.
-ADDED_KEYS = {"monitor_patch_rank", "monitor_patch_sim_mean", "monitor_patch_sim_std", "monitor_cls_attn_entropy"}
+ADDED_KEYS = {
+    "monitor_patch_rank",
+    "monitor_patch_sim_mean",
+    "monitor_patch_sim_std",
+    "monitor_cls_attn_entropy",
+    "lr_ramp",  # only with init.head_warmup_steps or init.backbone_ramp_steps
+}
 # the overrides of tests/test_distributed.py's parity test, for its preset (tests.test_distributed.TINY)
 RANK_OVERRIDES = {mode: (f"parallel.data_parallel={mode}", "parallel.param_dtype=fp32") for mode in ("ddp", "fsdp")}
 

@@ -4,6 +4,8 @@ Gram anchoring to the starting model, gradient accumulation, and the errors of i
 from __future__ import annotations
 
 import copy
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,7 @@ def test_continued_pretraining_freezes_then_ramps_the_backbone_anchored_to_itsel
     assert any(not torch.equal(heads[k], fresh[k]) for k in fresh), "the heads train in phase 1"
     records = read_metrics(tmp_path / "adapted")
     assert all(np.isfinite(r["loss"]) and "gram" in r for r in records)
+    assert [r["lr_ramp"] for r in records] == [0.0, 0.0, 0.5, 1.0, 1.0, 1.0]  # frozen 2, ramped over 2
     # "did it help?": the adapted run and the released file it started from, side by side in one report
     from opendino.eval.suite import evaluate
 
@@ -456,3 +459,39 @@ def test_the_gram_anchor_to_the_start_takes_the_same_blocks(tmp_path):
         torch.equal(v, recipe.teacher.backbone.state_dict()[k]) for k, v in recipe.gram_teacher.state_dict().items()
     )
     assert torch.equal(recipe.gram_teacher.blocks[0].attn.qkv.weight, deep.blocks[2].attn.qkv.weight)
+
+
+def test_eval_of_an_n_channel_model_on_an_n_channel_folder(tmp_path):
+    from opendino.eval.suite import evaluate
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            _tif_folder(tmp_path / "data" / split / name, 4, n=4, size=32)
+    model = build_model("vits16", embed_dim=32, depth=2, num_heads=2, in_chans=4)
+    model.input_normalisation = ((0.5,) * 4, (0.25,) * 4)
+    save_model(model, tmp_path / "four.safetensors")
+    results = evaluate(
+        tmp_path / "four.safetensors",
+        data=str(tmp_path / "data"),
+        tasks=("knn",),
+        out=tmp_path / "eval",
+        resolution=32,
+        progress=False,
+        log=lambda _: None,
+        baselines=["pixels"],
+    )
+    assert results["meta"]["n_train"] == 8 and results["meta"]["n_val"] == 8
+    assert set(results["pixels"]["knn"]) == set(results["trained"]["knn"])
+    assert (tmp_path / "eval" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_the_adaptation_experiment_runs_every_arm(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "experiment"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "adapt_experiment.py"), "--quick", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == ["adapted + Gram to start|0", "adapted|0", "from scratch|0"]

@@ -14,15 +14,19 @@ def build_optimizer(groups: list[dict], betas: tuple[float, float] = (0.9, 0.999
 
 def apply_schedules(
     optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float, step: int = 0
-) -> None:
+) -> float | None:
     """Sets every group's lr and weight decay; a group is frozen (lr 0) before its ``frozen_until``, then
     its lr ramps linearly back to the schedule's over its ``ramp_steps`` (the first step after the freeze
-    at 1 / ramp_steps of it)."""
+    at 1 / ramp_steps of it). Returns the fraction of the scheduled lr the frozen-then-ramped groups get at
+    ``step`` (0 frozen, 1 ramped up; logged as ``lr_ramp``), or None when no group has either."""
+    fraction = None
     for group in optimizer.param_groups:
         group["weight_decay"] = weight_decay * group["wd_multiplier"]
         group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
-        since = step - group.get("frozen_until", 0)
-        if since < 0:
-            group["lr"] = 0.0
-        elif since < group.get("ramp_steps", 0):
-            group["lr"] *= (since + 1) / group["ramp_steps"]
+        start, ramp = group.get("frozen_until", 0), group.get("ramp_steps", 0)
+        if not (start or ramp):
+            continue
+        since = step - start
+        fraction = 0.0 if since < 0 else min(1.0, (since + 1) / ramp) if ramp else 1.0
+        group["lr"] *= fraction
+    return fraction

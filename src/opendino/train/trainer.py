@@ -119,9 +119,11 @@ class Member:
         """One optimizer step on the step's micro-batches (one without ``train.accumulate``)."""
         s = self.schedules
         self.streams.enter()  # its own streams: a member draws the same with or without others
-        apply_schedules(self.optimizer, s["lr"][step], s["weight_decay"][step], s["last_layer_lr"][step], step)
+        ramp = apply_schedules(self.optimizer, s["lr"][step], s["weight_decay"][step], s["last_layer_lr"][step], step)
         self.skipped += sum(len(b["skipped"]) for b in batches)
         self.logged = self.recipe.before_step(step)
+        if ramp is not None:  # init.head_warmup_steps / backbone_ramp_steps: where the backbone's lr stands
+            self.logged["lr_ramp"] = ramp
         result = train_step(self.recipe, self.optimizer, batches, step=step, clip_grad=self.cfg.optim.clip_grad)
         self.pending.append((step, result.finite))
         self.streams.leave()
