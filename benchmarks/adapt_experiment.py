@@ -10,8 +10,9 @@
    demo size (fresh heads, ``--warmup`` frozen steps, a ``--ramp`` lr ramp, ``--steps`` in all): without
    and with Gram anchoring to the starting model (``gram.checkpoint=init``), ``--seeds`` seeds each. A
    control trains the same steps on the new domain from random weights (the demo preset as it is).
-4. ``opendino eval`` of each adapted run on the labelled new-domain folder with the starting model and the
-   raw pixels as baselines (``--baseline``): k-NN, linear, linear segmentation, depth.
+4. The probes on the labelled new-domain folder (k-NN, linear, linear segmentation, depth): once for the
+   starting model with its random twin and the raw pixels (``opendino eval START --baseline pixels``),
+   then for each adapted run, on the same images with the same settings.
 
 The adaptation settings (peak lr 1e-3, a third of the demo's pretraining peak; 60 + 60 of 300 steps) were
 chosen before any result was seen and not tuned. Writes ``<out>/results.json`` (resumable: finished runs
@@ -34,8 +35,8 @@ from PIL import Image
 
 from opendino.data.sources import is_image
 from opendino.data.synthetic import write_image_folder
-from opendino.eval.data import synthetic_folder
-from opendino.eval.suite import evaluate
+from opendino.eval.data import open_labelled, synthetic_folder
+from opendino.eval.suite import evaluate, resolve_model, run_tasks
 from opendino.models import load_model, save_model
 from opendino.train.config import load_train_config
 from opendino.train.trainer import Trainer
@@ -108,19 +109,39 @@ def adapt(out: Path, start: Path, data: Path, arm: str, seed: int, args: argpars
     return run
 
 
-def evaluated(out: Path, run: Path, start: Path, labelled: Path, results: dict, key: str, args) -> dict:
-    if key not in results:
+def baselines(out: Path, start: Path, labelled: Path, results: dict, args) -> dict:
+    """The starting model with its random twin and the pixel floor, once (``opendino eval --baseline
+    pixels`` of the starting model: its report is ``<out>/eval/start/report.md``)."""
+    if "baselines" not in results:
         r = evaluate(
-            run,
+            start,
             data=str(labelled),
             tasks=TASKS,
-            out=out / "eval" / run.name,
+            out=out / "eval" / "start",
             resolution=args.resolution,
             progress=False,
             log=lambda _: None,
-            baselines=[str(start), "pixels"],
+            baselines=["pixels"],
         )
-        results[key] = {name: r[name] for name in ("trained", "random_init", f"baseline:{start}", "pixels")}
+        results["baselines"] = {"start": r["trained"], "random_init": r["random_init"], "pixels": r["pixels"]}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results["baselines"]
+
+
+def evaluated(out: Path, run: Path, labelled: Path, results: dict, key: str, args) -> dict:
+    """The probes of one adapted run on the labelled new-domain folder (the same images and settings as
+    the baselines: ``run_tasks``, which ``opendino eval`` runs for each model)."""
+    if key not in results:
+        model, info = resolve_model(run)
+        settings = {
+            **info,
+            "resolution": args.resolution,
+            "device": "cpu",
+            "batch_size": 64,
+            "progress": False,
+            "cache": out / "eval" / "cache",
+        }
+        results[key] = {"trained": run_tasks(model.eval(), open_labelled(labelled), TASKS, settings, lambda _: None)}
         (out / "results.json").write_text(json.dumps(results, indent=1))
     return results[key]
 
@@ -130,37 +151,31 @@ def value(row: dict, metric: tuple[str, str]) -> float:
     return row[task][name]
 
 
-def table(results: dict, start: Path) -> str:
-    columns = {"start model": f"baseline:{start}", "pixels": "pixels", "random init": "random_init"}
+def table(results: dict) -> str:
+    base = results["baselines"]
     lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
 
-    def cells(rows: list[dict]) -> str:
+    def runs_of(arm: str) -> list[dict]:
+        return [r["trained"] for k, r in sorted(results.items()) if k.startswith(arm + "|")]
+
+    def cells(rows: list[dict], minus: dict | None = None) -> str:
         out = []
         for metric in METRICS.values():
-            vals = [value(r, metric) for r in rows]
+            vals = [value(r, metric) - (value(minus, metric) if minus else 0.0) for r in rows]
             sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
-            out.append(f"{statistics.mean(vals):.3f}{sd}")
+            out.append(f"{statistics.mean(vals):{'+' if minus else ''}.3f}{sd}")
         return " | ".join(out)
 
-    first = next(iter(results.values()))
-    for name, key in columns.items():
-        lines.append(f"| {name} | {cells([first[key]])} |")
+    for name, key in (("start model", "start"), ("pixels", "pixels"), ("random init", "random_init")):
+        lines.append(f"| {name} | {cells([base[key]])} |")
     for arm in ARMS:
-        rows = [r["trained"] for k, r in sorted(results.items()) if k.startswith(arm + "|")]
-        if rows:
+        if rows := runs_of(arm):
             lines.append(f"| {arm} ({len(rows)} seeds) | {cells(rows)} |")
-    lines += ["", "paired difference to the start model (mean ± sd over seeds):", ""]
+    lines += ["", "difference to the start model (mean ± sd over seeds; depth RMSE: lower is better):", ""]
     lines += ["| arm | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for arm in ARMS:
-        pairs = [(r["trained"], r[f"baseline:{start}"]) for k, r in sorted(results.items()) if k.startswith(arm + "|")]
-        if not pairs:
-            continue
-        diffs = []
-        for metric in METRICS.values():
-            d = [value(a, metric) - value(b, metric) for a, b in pairs]
-            sd = f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
-            diffs.append(f"{statistics.mean(d):+.3f}{sd}")
-        lines.append(f"| {arm} | {' | '.join(diffs)} |")
+        if rows := runs_of(arm):
+            lines.append(f"| {arm} | {cells(rows, base['start'])} |")
     return "\n".join(lines)
 
 
@@ -192,12 +207,13 @@ def main() -> None:
     start = starting_model(out, args.quick)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    baselines(out, start, labelled, results, args)
     for seed in args.seeds:
         for arm in ARMS:
             run = adapt(out, start, adapt_data, arm, seed, args)
-            evaluated(out, run, start, labelled, results, f"{arm}|{seed}", args)
+            evaluated(out, run, labelled, results, f"{arm}|{seed}", args)
             print(f"{arm}, seed {seed}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(table(results, start))
+    print(table(results))
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

@@ -91,7 +91,7 @@ def test_expand_channels_rule():
 def test_a_checkpoint_of_another_patch_size_is_refused():
     source = build_model("vits16", embed_dim=32, depth=2, num_heads=2)
     model = build_model("vits16", embed_dim=32, depth=2, num_heads=2, patch_size=14)
-    with pytest.raises(CheckpointError, match="patch size 16 but the model has 14"):
+    with pytest.raises(CheckpointError, match="patch size 16 but the model has 14.*closest known architecture"):
         fit_input_layer(source.state_dict(), model, "released.pth")
 
 
@@ -226,6 +226,8 @@ def test_configuration_errors_of_channels_and_anchors(tmp_path):
         load_train_config(preset, ["gram.enabled=true", "gram.checkpoint=init"])
     with pytest.raises(ConfigError, match="the dense monitor scores RGB"):
         load_train_config(preset, ["model.in_chans=1", "crops.mean=[0.5]", "crops.std=[0.2]", "monitor.every=1"])
+    with pytest.raises(ConfigError, match=r"crops.std=\[0.2, 0.0, 0.2\]: every value must be > 0"):
+        load_train_config(preset, ["crops.std=[0.2,0.0,0.2]"])
     with pytest.raises(ConfigError, match="train.accumulate=0"):
         load_train_config(preset, ["train.accumulate=0"])
     with pytest.raises(ConfigError, match="four of each|crops.mean has 3"):
@@ -416,6 +418,10 @@ def test_extract_and_visualize_read_n_channel_images(tmp_path):
     args = ["visualize", str(tmp_path / "five.safetensors"), str(folder), "--out", str(pictures)]
     assert main([*args, "--resolution", "32", "--view", "4,2,0"]) == 0
     assert len(list(pictures.glob("*.png"))) == 3
+    twin = folder / "twin"  # an image of the same name in a sub-folder gets its own picture
+    twin.mkdir()
+    (twin / "img0.tif").write_bytes((folder / "img0.tif").read_bytes())
+    assert main([*args, "--resolution", "32"]) == 0 and len(list(pictures.glob("*.png"))) == 4
     assert main([*args, "--resolution", "32", "--view", "5,2,0"]) == 2
 
 

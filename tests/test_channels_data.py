@@ -280,3 +280,22 @@ def test_data_stats_bad_input(tmp_path, capsys):
     assert main(["data", "stats", str(tmp_path)]) == 2  # no image with 3 channels
     err = capsys.readouterr().err
     assert "no such file" in err and "no images found" in err and "4 channels, 3 requested" in err
+
+
+def test_a_four_band_tiff_is_never_read_as_rgb(tmp_path):
+    bands = np.random.default_rng(5).integers(0, 60000, (4, 16, 16), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "pages.tif", bands, photometric="minisblack")  # a page per band
+    tifffile.imwrite(tmp_path / "rgba.tif", (bands.transpose(1, 2, 0) // 257).astype(np.uint8))  # saved as RGBA
+    for name in ("pages.tif", "rgba.tif"):
+        with pytest.raises(ChannelMismatchError, match="4 channels, 3 requested"):
+            decode_image(tmp_path / name)
+        assert decode_image(tmp_path / name, channels=4).shape == (4, 16, 16)
+
+
+def test_some_images_of_another_channel_count_are_announced(tmp_path, four):
+    tifffile.imwrite(tmp_path / "a.tif", four)
+    Image.fromarray(four[:, :, :3]).save(tmp_path / "b.png")
+    source = open_source(tmp_path)
+    source.set_channels(4)
+    with pytest.warns(UserWarning, match="1 of the first 2 images have another channel count than 4"):
+        source.check_readable()

@@ -23,11 +23,14 @@ class UsageError(ValueError):
 
 
 def _model_and_norm(source: str, weights: str | None):
+    from opendino import runs
     from opendino.models import MODELS, load_model
     from opendino.models.registry import UnknownModelError, normalisation
 
     if source not in MODELS and not Path(source).exists():
         raise UnknownModelError(f"{source!r} is neither a file nor a known model; known: {', '.join(MODELS)}")
+    if weights is None and runs.is_run(source):  # a run folder: the model it exported
+        source = str(Path(source) / runs.EXPORT)
     model = load_model(source, weights=weights)
     return model, normalisation(model)
 
@@ -333,13 +336,17 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(res, info["mean"], info["std"])
+    written: set[str] = set()
     for path in paths:
         image = decode_or_skip(path, channels, say=lambda why: print(f"skipped: {why}", file=sys.stderr))
         if image is None:
             print(f"skipped (unreadable or of another channel count): {path}", file=sys.stderr)
             continue
-        picture(model, image, transform, res, point, args.foreground, view).save(out / f"{Path(path).stem}.png")
-    print(f"wrote {len(paths)} pictures (input | PCA | similarity) to {out}")
+        name = Path(path).stem  # images of the same name in different folders: both kept
+        name = name if name not in written else f"{name}_{len(written)}"
+        written.add(name)
+        picture(model, image, transform, res, point, args.foreground, view).save(out / f"{name}.png")
+    print(f"wrote {len(written)} pictures (input | PCA | similarity) to {out}")
     return 0
 
 
@@ -492,9 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         "image sizes, and a ready-to-paste override line `crops.mean=[...] crops.std=[...]` (with "
         "`model.in_chans=N` when --channels is not 3). Formats: every image PIL reads, .npy / .npz arrays "
         "and TIFFs with any number of channels; values of more than 8 bits are mapped to 8 bits by one rule per "
-        "image (uint16 above 255: divided by 65535), and a warning says so when every channel spans at most "
-        "1/16 of the 8-bit range (e.g. 12-bit data stored as 16-bit). Exit code 2 when PATH holds no image "
-        "that decodes to --channels channels.",
+        "image (uint16 above 255: divided by 65535), and a warning says so when a channel spans at most "
+        "1/8 of the 8-bit range (e.g. 12-bit data stored as 16-bit) or is constant. Exit code 2 when PATH "
+        "holds no image that decodes to --channels channels.",
     )
     q.add_argument("path", help="anything data.path takes: a folder, a .txt/.csv/.tsv list, .tar shards, a mix .yaml")
     q.add_argument(
@@ -613,15 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="run folder, checkpoint file or registered name")
     p.add_argument("images", help="an image or a folder")
-    p.add_argument("--out", default="pictures")
+    p.add_argument("--out", default="pictures", help="the folder of the pictures (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--patch", default=None, help="ROW,COL of the reference patch (default: the centre)")
     p.add_argument("--foreground", action="store_true", help="PCA of the foreground patches only")
     p.add_argument(
         "--view",
         default=None,
-        help="R,G,B: the image channels shown as red, green and blue (images of more or fewer than 3 channels; "
-        "default: the first three, the only one as grey, or of two 0,1,0)",
+        help="R,G,B: the image channels shown as red, green and blue, counted from 0 (images of more or fewer "
+        "than 3 channels; default: the first three, the only one as grey, or of two 0,1,0)",
     )
     p.set_defaults(func=cmd_visualize)
 

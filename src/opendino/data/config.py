@@ -67,6 +67,8 @@ class CropsConfig:
     teacher_to_student_resolution_scale: float = 1.0
 
     def check(self) -> None:
+        if any(not v > 0 for v in self.std):
+            raise ConfigError(f"crops.std={list(self.std)}: every value must be > 0 (a constant channel has std 0)")
         for row in self.resolution_sets:
             if len(row) != 4 or any(not isinstance(v, (int, float)) or v < 0 for v in row):
                 raise ConfigError(

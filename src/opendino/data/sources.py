@@ -176,7 +176,13 @@ def _decode_pil(raw: bytes, max_side: int, channels: int) -> Tensor | np.ndarray
                 mode=ImageReadMode.RGB,
                 apply_exif_orientation=True,
             )
-        if img.format == "TIFF" and img.tag_v2.get(SAMPLES_PER_PIXEL, 1) != len(img.getbands()):
+        if img.format == "TIFF" and (
+            img.tag_v2.get(SAMPLES_PER_PIXEL, 1) != len(img.getbands())
+            # a stack of pages or a band PIL would drop as alpha: tifffile counts them all, so that a
+            # 4-band raster is refused by an RGB model instead of read as grey or as RGB
+            or getattr(img, "n_frames", 1) > 1
+            or "A" in img.getbands()
+        ):
             return None
         if img.format == "JPEG":
             img.draft("RGB" if channels == 3 else None, (max_side, max_side))
@@ -384,17 +390,24 @@ class ImageSource(torch.utils.data.Dataset):
     def check_readable(self, probe: int = 64) -> None:
         """Fails early, with the source named, if none of its first ``probe`` images decodes: a
         ``ChannelMismatchError`` when some decode, but all with another channel count than ``channels``,
-        else a ``NoImagesError``."""
+        else a ``NoImagesError``; warns when some of them have another channel count."""
         if not self.records:
             raise NoImagesError(f"{self.name}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         n = min(probe, len(self))
-        mismatch = None
+        mismatch, mismatched, readable = None, 0, 0
         for i in range(n):
             try:
-                if self.decode(i) is not None:
-                    return
+                readable += self.decode(i) is not None
             except ChannelMismatchError as e:
-                mismatch = mismatch or e
+                mismatch, mismatched = mismatch or e, mismatched + 1
+        if readable:
+            if mismatched:  # they will be skipped: say so now, not only in the run's list of skipped images
+                warnings.warn(
+                    f"{self.name}: {mismatched} of the first {n} images have another channel count than "
+                    f"{self.channels} and will be skipped; first: {mismatch}",
+                    stacklevel=2,
+                )
+            return
         if mismatch is not None:
             raise ChannelMismatchError(
                 f"{self.name}: none of the first {n} images has {self.channels} channels; first: {mismatch}"

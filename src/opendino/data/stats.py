@@ -22,10 +22,10 @@ from tqdm import tqdm
 from opendino.data.sources import ChannelMismatchError, ImageSource
 
 LEVELS = 256  # 8-bit decode
-# Images whose levels span at most this share of the 8-bit range (16 levels) in every channel are nearly
-# flat: most likely high-bit-depth data that the decode rule mapped into a few levels (12-bit values in
-# 16-bit files span levels 0-16).
-LOW_RANGE = 1 / 16
+# A channel whose levels span at most this share of the 8-bit range (32 levels) is nearly flat: most likely
+# high-bit-depth data that the decode rule mapped into a few levels (12-bit values in 16-bit files span
+# levels 0-16, reflectances x 10000 about 0-39).
+LOW_RANGE = 1 / 8
 
 
 def sample_indices(n: int, max_images: int, seed: int) -> list[int]:
@@ -92,8 +92,8 @@ class ChannelStats:
 
     @property
     def low_range(self) -> bool:
-        """Whether every channel spans at most ``LOW_RANGE`` of the 8-bit range (``max - min <= 16``)."""
-        return all(hi - lo <= LOW_RANGE * LEVELS for lo, hi in zip(self.min, self.max, strict=True))
+        """Whether some channel spans at most ``LOW_RANGE`` of the 8-bit range (``max - min <= 32``)."""
+        return any(hi - lo <= LOW_RANGE * LEVELS for lo, hi in zip(self.min, self.max, strict=True))
 
     def overrides(self) -> str:
         """The configuration overrides for this data: ``crops.mean=[...] crops.std=[...]`` (4 decimals), and
@@ -171,9 +171,17 @@ def format_report(stats: ChannelStats) -> str:
 
 def low_range_warning(stats: ChannelStats) -> str:
     """Why nearly flat 8-bit values may come from the decode rule, and what to do about it."""
-    span = max(hi - lo for lo, hi in zip(stats.min, stats.max, strict=True))
+    flat = [c for c, (lo, hi) in enumerate(zip(stats.min, stats.max, strict=True)) if hi - lo <= LOW_RANGE * LEVELS]
+    spans = ", ".join(f"{c}: {stats.max[c] - stats.min[c]}" for c in flat)
+    constant = [c for c in flat if stats.max[c] == stats.min[c]]
+    also = (
+        f" Channels {constant} are constant: their std is 0, which normalisation cannot divide by; drop them."
+        if constant
+        else ""
+    )
     return (
-        f"warning: no channel spans more than {span} of the 255 8-bit steps (1/16 of the range or less). "
+        f"warning: channels span only these numbers of the 255 8-bit steps (1/8 of the range or less): {spans}."
+        f"{also} "
         "Images are decoded to 8 bits per image by one rule: uint8 kept; float with max <= 1 scaled by 255; other "
         "values kept when the image's max is <= 255, else divided by 65535 and scaled by 255. So 12-bit data "
         "stored as 16-bit (max 4095) ends up in levels 0-16, and most of its precision is lost. Rescale the "

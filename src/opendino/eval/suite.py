@@ -242,7 +242,8 @@ def load_baselines(
         if other_channels != channels:
             raise ValueError(
                 f"baseline {source}: {other_channels} input channels, the evaluated model has {channels}; "
-                "the two cannot see the same images"
+                "the two cannot see the same images (the start of an N-channel adaptation as a baseline: a "
+                "1-step run of it with init.head_warmup_steps=1 exports the released model fitted to N channels)"
             )
         stride = other.feature_stride
         if resolution % stride:

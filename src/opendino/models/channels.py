@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from opendino.models.checkpoint import CheckpointError
+from opendino.models.checkpoint import CheckpointError, closest_architecture
 
 INPUT_LAYERS = ("patch_embed.proj.weight", "downsample_layers.0.0.weight")  # ViT, ConvNeXt
 NEW_CHANNEL_RULES = ("mean", "zero")
@@ -65,9 +65,11 @@ def fit_input_layer(
     weight = state[key]
     if weight.shape[2:] != own.shape[2:]:
         what = "patch size" if key.startswith("patch_embed") else "stem kernel"
+        closest, _ = closest_architecture(state)
         raise CheckpointError(
             f"{source} has {what} {weight.shape[-1]} but the model has {own.shape[-1]}: a checkpoint fits only "
-            f"a model of its own {what} (choose model.arch / model.kwargs.patch_size={weight.shape[-1]})"
+            f"a model of its own {what}; the closest known architecture to the file is {closest} "
+            f"(model.arch={closest})"
         )
     if weight.shape[1] != own.shape[1]:
         state[key] = expand_channels(weight, own.shape[1], rule)

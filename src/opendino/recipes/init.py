@@ -114,7 +114,6 @@ def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
     init, teacher = recipe.cfg.init, recipe.cfg.distill.teacher
     if init.backbone:
         setting, source = "init.backbone", init.backbone
-        say(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
     else:  # init.backbone_blocks of the distillation teacher (check_config: one of the two is set)
         setting, source = "distill.teacher", teacher
     state = fitted_backbone_state(recipe, source, setting, say=say)
@@ -125,6 +124,8 @@ def _from_backbone(recipe: SSLRecipe, say: Callable[[str], None]) -> None:
                 f"{setting}={source} does not fit model.arch={recipe.cfg.model.arch}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+    if init.backbone:
+        say(f"student and teacher backbones initialised from {init.backbone}; heads fresh")
 
 
 def fitted_backbone_state(

@@ -172,6 +172,15 @@ class TrainConfig:
             "lengthen a run with optim.epochs"
         )
 
+    def frozen_backbone_warning(self) -> str | None:
+        """What to tell a user whose run ends before its backbone starts training (``init.head_warmup_steps``)."""
+        if self.init.head_warmup_steps < self.total_steps:
+            return None
+        return (
+            f"note: init.head_warmup_steps={self.init.head_warmup_steps} >= train.steps={self.total_steps}: the "
+            "backbone stays frozen for the whole run (only the heads train)"
+        )
+
     def check(self) -> None:
         """Every section's own check, then the rules that join sections (exit code 2, nothing written)."""
         for f in dataclasses.fields(self):

@@ -247,8 +247,9 @@ class Trainer:
                 for m in members:
                     continued = m.cfg.init.from_run if m.cfg.init.from_mode == "continue" else None
                     m.peak = DensePeak(m.run_dir, continued, settings, m.say) if env.is_main else None
-        if (warning := cfg.past_schedules_warning()) and env.is_main:
-            print(warning)
+        for warning in (cfg.past_schedules_warning(), cfg.frozen_backbone_warning()):
+            if warning and env.is_main:
+                print(warning)
         if start >= cfg.total_steps and env.is_main:
             print(f"nothing to run: {self.run_dir} already holds steps 0-{start - 1} (train.steps={cfg.total_steps})")
         return start
