@@ -20,10 +20,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -rs -m slow
 
 demo: setup
 	$(VENV)/bin/opendino demo --out $(DEMO_OUT)

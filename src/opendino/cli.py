@@ -118,6 +118,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from opendino.deploy.onnx import ExportError, export_source
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out {out}: give a .onnx file")
+    try:
+        written = export_source(
+            args.model,
+            out,
+            weights=args.weights,
+            resolution=args.resolution,
+            dynamic=args.dynamic,
+            dtype=args.dtype,
+            check=args.check,
+            say=lambda line: print(line, file=sys.stderr),
+        )
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    for item in written:
+        print(item)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from opendino.data.synthetic import write_image_folder
 
@@ -470,6 +494,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("official", "timm", "hf"), required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "export",
+        help="export a backbone (and a text-aligned model's towers) to ONNX, checked against PyTorch",
+        description="Writes OUT.onnx: images [batch, C, H, W] (normalised as the model expects) -> cls [batch, D], "
+        "storage [batch, R, D] and patch [batch, h*w, D] tokens, RoPE included. With --dynamic the batch and "
+        "the image size are free (H and W multiples of the stride); without, both are fixed at --resolution "
+        "and batch 1. A text-aligned run also gives OUT.image.onnx (images -> image embedding, patch "
+        "embeddings) and OUT.text.onnx (token ids [batch, context] -> text embedding; tokenise in Python). "
+        "MODEL: run folder, checkpoint file, or a named architecture (random weights, with a warning).",
+    )
+    p.add_argument("model", help="run folder, checkpoint file or registered name")
+    p.add_argument("--to", choices=("onnx",), default="onnx", help="the format (default: %(default)s)")
+    p.add_argument("--out", required=True, help="the .onnx file")
+    p.add_argument("--weights", help="checkpoint for a named MODEL (loaded strictly, weights_only)")
+    p.add_argument("--resolution", type=int, default=224, help="example input size (default: %(default)s)")
+    p.add_argument("--dynamic", action="store_true", help="free batch size and image size")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and inputs (default: fp32)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run the file in onnxruntime and compare with PyTorch (at --resolution and, with --dynamic, at a "
+        "second size and batch); fails when the largest difference exceeds 1e-4 (fp32) or 1e-2 (fp16)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

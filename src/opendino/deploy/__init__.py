@@ -1,0 +1,1 @@
+"""Deployment: exporting models to formats other runtimes read (ONNX)."""
