@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from opendino.cli import main
@@ -19,7 +20,7 @@ from opendino.eval.dense import (
 )
 from opendino.eval.features import cached_features
 from opendino.eval.linear import linear_probe, logistic_regression
-from opendino.eval.visualize import pca_rgb, similarity_map
+from opendino.eval.visualize import Row, pca_rgb, save_figure, sheet, similarity_map
 from opendino.models import build_model, save_model
 from opendino.probes import knn_accuracy, mean_iou, nearest_neighbour_segmentation, patch_majority
 
@@ -119,6 +120,28 @@ def test_pca_and_similarity_pictures():
     assert (rgb[0, 0] == 0).all() and rgb[1:3, 1:3].any()  # background black, object coloured
     sim = similarity_map(patch, 1, 1)
     assert sim[1, 1] > 0.99 and sim[2, 2] > 0.9 and sim[0, 0] < 0.5
+
+
+def test_picture_sheets_say_what_they_show(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8, generator=g)
+    rows = [
+        Row("trained: run-a", image, torch.randn(4, 4, 8, generator=g), (1, 2)),
+        Row("random init", image, torch.randn(4, 4, 8, generator=g)),
+    ]
+    fig = sheet(rows, "cat.png, 32 px")
+    grid = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_ylabel() for ax in grid[::3]] == ["trained: run-a", "random init"]
+    assert grid[0].get_title() == "input" and "PCA" in grid[1].get_title()
+    assert "row 1, col 2" in grid[2].get_title() and "row 2, col 2" in grid[5].get_title()  # the query patches
+    assert fig.get_suptitle() == "cat.png, 32 px"
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "cosine similarity"
+    assert all(len(ax.patches) == 1 for ax in grid)  # the query patch outlined on each picture
+    save_figure(fig, tmp_path / "sheet.png")
+    assert (tmp_path / "sheet.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="outside the 4 x 4 patch grid"):
+        sheet([Row("x", image, torch.randn(4, 4, 8), (4, 0))])
 
 
 def _tiny_model(tmp_path):

@@ -331,7 +331,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from opendino.data.sources import NoImagesError, decode_or_skip, list_images
     from opendino.eval.features import eval_transform
     from opendino.eval.suite import resolve_model
-    from opendino.eval.visualize import picture
+    from opendino.eval.visualize import Row, patch_grid, save_figure, sheet, shown_input
     from opendino.models.registry import input_channels
 
     model, info = resolve_model(args.model)
@@ -361,6 +361,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(res, info["mean"], info["std"])
     written: set[str] = set()
+    label = Path(args.model).name if Path(args.model).exists() else f"{args.model} (random weights)"
     for path in paths:
         image = decode_or_skip(path, channels, say=lambda why: print(f"skipped: {why}", file=sys.stderr))
         if image is None:
@@ -369,7 +370,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         name = Path(path).stem  # images of the same name in different folders: both kept
         name = name if name not in written else f"{name}_{len(written)}"
         written.add(name)
-        picture(model, image, transform, res, point, args.foreground, view).save(out / f"{name}.png")
+        row = Row(label, shown_input(image, res, view), patch_grid(model, image, transform, res), point)
+        save_figure(sheet([row], f"{Path(path).name}, {res} px", args.foreground), out / f"{name}.png")
     print(f"wrote {len(written)} pictures (input | PCA | similarity) to {out}")
     return 0
 

@@ -10,13 +10,12 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
 from torch import nn
 
 from opendino.data.sources import decode_or_skip
 from opendino.eval.features import eval_transform
 from opendino.eval.pixels import PixelBaseline
-from opendino.eval.visualize import picture
+from opendino.eval.visualize import Row, patch_grid, save_figure, sheet, shown_input
 from opendino.models.registry import input_channels
 
 LOWER_IS_BETTER = {"rmse", "abs_rel", "mean_error_px"}
@@ -101,9 +100,12 @@ def _pictures(
     images: list[Path],
     settings: dict,
     path: Path,
+    title: str,
+    labels: dict[str, str],
     normalisation: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> None:
-    """For each image a row per model (``normalisation``: a model's own mean and std, else the settings')."""
+    """For each image a row per model, named by ``labels`` (``normalisation``: a model's own mean and std,
+    else the settings')."""
     normalisation = normalisation or {}
     res = settings["resolution"]
     transforms = {
@@ -112,16 +114,12 @@ def _pictures(
     channels = input_channels(next(iter(models.values())))  # every model of a report takes the same
     decoded = [image for image in (decode_or_skip(p, channels) for p in images) if image is not None]
     rows = [
-        picture(model, image, transforms[name], res).resize((3 * 160 + 8, 160), Image.NEAREST)
+        Row(labels.get(name, name), shown_input(image, res), patch_grid(model, image, transforms[name], res))
         for image in decoded
         for name, model in models.items()
     ]
-    if not rows:
-        return
-    sheet = Image.new("RGB", (rows[0].width, sum(r.height + 4 for r in rows)), (255, 255, 255))
-    for k, row in enumerate(rows):
-        sheet.paste(row, (0, k * (row.height + 4)))
-    sheet.save(path)
+    if rows:
+        save_figure(sheet(rows, title), path)
 
 
 def _fmt(value) -> str:
@@ -167,8 +165,10 @@ def write_report(
     # already shown, and its similarity map is a colour match; a baseline model's row is its own features.
     pictured = {k: m for k, (m, _) in (baselines or {}).items() if not isinstance(m, PixelBaseline)}
     norms = {k: (about["mean"], about["std"]) for k, (_, about) in (baselines or {}).items() if k in pictured}
-    _pictures({**models, **pictured}, images, settings, out / "pictures.png", norms)
     meta = results["meta"]
+    names = {"trained": f"trained: {Path(str(meta['model'])).name}", "random_init": "random init", **labels}
+    title = f"Patch features at {settings['resolution']} px: each image, one row per model"
+    _pictures({**models, **pictured}, images, settings, out / "pictures.png", title, names, norms)
     head = ["task", "metric", "trained", "random init", *labels.values(), "chance", "better"]
     head += [f"trained − {label}" for label in labels.values()]
     lines = [

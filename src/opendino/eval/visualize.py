@@ -9,11 +9,13 @@ the colours come from a PCA of the foreground patches only, with the background 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
 from torch import Tensor
 
 
@@ -53,48 +55,76 @@ def similarity_map(patch: Tensor, row: int, col: int) -> Tensor:
     return x @ x[row, col]
 
 
-def panel(image: Tensor, patch: Tensor, point: tuple[int, int] | None = None, foreground: bool = False) -> Image.Image:
-    """Input | PCA | similarity to the patch at ``point`` (row, col; default: the centre), side by side at
-    the input's size (nearest upsampling, so each patch stays a visible square)."""
-    from matplotlib import colormaps
+@dataclass
+class Row:
+    """One row of a picture sheet: the input as shown (uint8 ``[3, H, W]``), the patch features ``[h, w, D]``
+    of one model and the query patch (row, col; None: the centre)."""
 
-    h, w, _ = patch.shape
-    row, col = point if point is not None else (h // 2, w // 2)
-    if not (0 <= row < h and 0 <= col < w):
-        raise ValueError(f"patch ({row}, {col}) is outside the {h} x {w} patch grid")
-    size = (image.shape[-1], image.shape[-2])
-    source = Image.fromarray(image.permute(1, 2, 0).numpy())
-    pca = Image.fromarray(pca_rgb(patch, foreground)).resize(size, Image.NEAREST)
-    sim = similarity_map(patch, row, col)
-    colours = colormaps["inferno"](((sim + 1) / 2).numpy())[..., :3]
-    sim_image = Image.fromarray((colours * 255).astype(np.uint8)).resize(size, Image.NEAREST)
-    draw = ImageDraw.Draw(sim_image)
-    sy, sx = size[1] / h, size[0] / w
-    draw.rectangle([col * sx, row * sy, (col + 1) * sx - 1, (row + 1) * sy - 1], outline=(0, 255, 0))
-    out = Image.new("RGB", (3 * size[0] + 8, size[1]), (255, 255, 255))
-    for k, im in enumerate((source, pca, sim_image)):
-        out.paste(im, (k * (size[0] + 4), 0))
-    return out
+    label: str
+    image: Tensor
+    patch: Tensor
+    point: tuple[int, int] | None = None
+
+
+def sheet(rows: Sequence[Row], title: str | None = None, foreground: bool = False) -> Figure:
+    """Rows of input | PCA | similarity to the query patch, with column titles, the model name of each row,
+    the query patch outlined in green on all three and one colour bar for the similarities."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9.4, 2.9 * len(rows) + 0.5), squeeze=False, layout="constrained")
+    shown, query = None, None
+    for r, row in enumerate(rows):
+        h, w, _ = row.patch.shape
+        qr, qc = row.point if row.point is not None else (h // 2, w // 2)
+        if not (0 <= qr < h and 0 <= qc < w):
+            raise ValueError(f"patch ({qr}, {qc}) is outside the {h} x {w} patch grid")
+        height, width = row.image.shape[-2:]
+        extent = (0, width, height, 0)  # features drawn over the input's pixels, one square per patch
+        sim = similarity_map(row.patch, qr, qc).numpy()
+        axes[r, 0].imshow(row.image.permute(1, 2, 0).numpy())
+        axes[r, 1].imshow(pca_rgb(row.patch, foreground), interpolation="nearest", extent=extent)
+        shown = axes[r, 2].imshow(sim, cmap="inferno", vmin=-1, vmax=1, interpolation="nearest", extent=extent)
+        sy, sx = height / h, width / w
+        for ax in axes[r]:
+            ax.add_patch(Rectangle((qc * sx, qr * sy), sx, sy, fill=False, edgecolor="lime", linewidth=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(row.label, fontsize=11)
+        if r == 0:  # column titles once; the query again wherever it changes
+            pca_title = "PCA of the foreground patches" if foreground else "PCA of the patch features"
+            axes[r, 0].set_title("input", fontsize=9)
+            axes[r, 1].set_title(f"{pca_title}\n(3 components as RGB)", fontsize=9)
+        if (qr, qc) != query:
+            axes[r, 2].set_title(f"cosine similarity to the\ngreen patch (row {qr}, col {qc})", fontsize=9)
+        query = (qr, qc)
+    fig.colorbar(shown, ax=axes[:, 2], shrink=min(1.0, 0.9 / len(rows) ** 0.5), label="cosine similarity")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @torch.inference_mode()
-def picture(
-    model: torch.nn.Module,
-    image: Tensor,
-    transform,
-    resolution: int,
-    point: tuple[int, int] | None = None,
-    foreground: bool = False,
-    view: Sequence[int] | None = None,
-) -> Image.Image:
-    """``panel`` for a decoded uint8 image ``[C, H, W]``: the model sees ``transform(image)`` (square,
-    ``resolution`` pixels), the input is shown at the same size, as the channels ``view`` (``rgb_view``)."""
+def patch_grid(model: torch.nn.Module, image: Tensor, transform, resolution: int) -> Tensor:
+    """The normalised last-layer patch features ``[h, w, D]`` of a decoded uint8 image ``[C, H, W]``: the model
+    sees ``transform(image)`` (square, ``resolution`` pixels)."""
     device = next(model.parameters()).device
     tokens = model.eval().forward_features(transform(image)[None].to(device))["x_norm_patchtokens"][0]
     grid = resolution // model.feature_stride
+    return tokens.float().cpu().reshape(grid, grid, -1)
+
+
+def shown_input(image: Tensor, resolution: int, view: Sequence[int] | None = None) -> Tensor:
+    """The input as the model sees it (square, ``resolution`` pixels), as the RGB channels ``view``."""
     shown = F.interpolate(rgb_view(image, view)[None].float(), size=(resolution, resolution), mode="bilinear")[0]
-    patch = tokens.float().cpu().reshape(grid, grid, -1)
-    return panel(shown.clamp(0, 255).to(torch.uint8), patch, point, foreground)
+    return shown.clamp(0, 255).to(torch.uint8)
 
 
 def rgb_view(image: Tensor, channels: Sequence[int] | None = None) -> Tensor:
