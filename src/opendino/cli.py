@@ -376,6 +376,54 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    import logging
+
+    from opendino.eval.suite import resolve_model
+    from opendino.models.checkpoint import CheckpointError
+    from opendino.models.text import load_text_model
+    from opendino.view.server import FeatureViewer, ViewerError, ViewerLimits, serve
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
+    if args.images is not None and not Path(args.images).exists():
+        raise UsageError(f"--images {args.images}: no such file or folder")
+    model, info = resolve_model(args.model, args.weights, say=lambda line: print(line, file=sys.stderr))
+    text_model = None
+    if Path(args.model).is_dir():
+        try:
+            text_model = load_text_model(args.model)
+        except CheckpointError:
+            text_model = None  # a plain backbone's run: no words to type
+    limits = ViewerLimits(
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_pixels=int(args.max_megapixels * 1e6),
+        max_resolution=args.max_resolution,
+    )
+    try:
+        limits.check()
+        viewer = FeatureViewer(
+            model,
+            info["mean"],
+            info["std"],
+            name=Path(args.model).name if Path(args.model).exists() else f"{args.model} (random weights)",
+            resolution=args.resolution or info["resolution"],
+            images=args.images,
+            text_model=text_model,
+            limits=limits,
+            device=args.device,
+        )
+    except (ViewerError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {args.host} lets other machines reach the viewer", file=sys.stderr)
+    if text_model is not None:
+        print("text-aligned run: type words on the page for per-patch text similarity", file=sys.stderr)
+    serve(viewer, args.host, args.port, say=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from opendino.demo import run_demo
 
@@ -735,6 +783,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="k-means and sampling seed")
     p.add_argument("--resume", action="store_true", help="continue OUT: keep the stages whose settings did not change")
     p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser(
+        "view",
+        help="a local web page for dense features: PCA, click-a-patch similarity, correspondence, text",
+        description="Serves a page (plain HTML / JS) on http://HOST:PORT: open or drop an image, or pick one of "
+        "--images; see the PCA of its patch features; click (or hover) a patch for its cosine-similarity map "
+        "over the image and over a second image (correspondence); choose the layer and the input resolution; "
+        "with a text-aligned run, type words for per-patch text similarity. An image's features are computed "
+        "once and cached while the server runs. Binds 127.0.0.1 unless --host says otherwise; only the files "
+        "--images listed at start are served.",
+    )
+    p.add_argument("model", help="run folder, checkpoint file or registered name (a name alone: random weights)")
+    p.add_argument("--weights", help="checkpoint for a named MODEL (loaded strictly, weights_only)")
+    p.add_argument("--images", help="a folder (or list) of images to pick from")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="the port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="initial input size (default: the run's crop size, else 224)")
+    p.add_argument("--max-resolution", type=int, default=1024, help="largest input size asked (default: 1024)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (default: %(default)s MB)")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest upload (default: %(default)s MP)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     p.add_argument("--out", default="demo_out")

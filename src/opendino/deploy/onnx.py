@@ -270,24 +270,17 @@ def export_source(
     """Exports a run folder, a checkpoint file or a registered name (random weights, said through ``say``) and
     returns a line per written file; with ``check`` each file is run in onnxruntime against PyTorch."""
     from opendino.eval.suite import resolve_model
-    from opendino.models import MODELS, load_model
     from opendino.models.checkpoint import CheckpointError
+    from opendino.models.registry import UnknownModelError
     from opendino.models.text import load_text_model
 
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     path = Path(source)
-    if weights is not None:
-        if source not in MODELS:
-            raise ExportError(f"--weights goes with a named architecture; {source!r} is not one")
-        backbone = load_model(source, weights=weights)
-    elif source in MODELS and not path.exists():
-        say(f"note: {source} has random weights (no weights were given: pass --weights FILE or a run folder)")
-        backbone = load_model(source)
-    elif not path.exists():
-        raise ExportError(f"{source!r} is neither a file, a run folder nor a known model; known: {', '.join(MODELS)}")
-    else:
-        backbone, _ = resolve_model(path)
+    try:
+        backbone, _ = resolve_model(source, weights, say)
+    except UnknownModelError as e:
+        raise ExportError(str(e)) from None
     started = time.perf_counter()
     exported = [export_backbone(backbone, out, resolution, dynamic, dtype)]
     if path.is_dir():

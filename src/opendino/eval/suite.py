@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -56,11 +56,18 @@ DENSE_TASKS = ("seg", "depth", "corr")
 PIXELS = "pixels"  # --baseline pixels: the raw-pixel floor; any other value is a model
 
 
-def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
+def resolve_model(
+    source: str | Path, weights: str | Path | None = None, say: Callable[[str], None] | None = None
+) -> tuple[nn.Module, dict]:
     """A run folder (its ``teacher.safetensors`` and the normalisation and crop size of its config), a
-    checkpoint file, or a registered name; returns the model and ``{mean, std, resolution, out}``."""
+    checkpoint file, or a registered name (``weights``: its checkpoint; without, random weights, which ``say``
+    is told); returns the model and ``{mean, std, resolution, out}``."""
+    from opendino.models.registry import UnknownModelError
+
     path = Path(source)
-    if path.is_dir():
+    if weights is not None and str(source) not in MODELS:
+        raise UnknownModelError(f"weights go with a named architecture; {source!r} is not one")
+    if path.is_dir() and weights is None:
         weights = path / runs.EXPORT
         if not weights.exists():
             raise FileNotFoundError(f"{path} has no {runs.EXPORT}: is it a finished `opendino train` run?")
@@ -74,7 +81,13 @@ def resolve_model(source: str | Path) -> tuple[nn.Module, dict]:
             "resolution": crops.get("global_size", 224),
             "out": path / "eval",
         }
-    model = load_model(source)
+    if not path.exists() and str(source) not in MODELS:
+        raise UnknownModelError(
+            f"{source!r} is neither a file, a run folder nor a known model; known: {', '.join(MODELS)}"
+        )
+    if str(source) in MODELS and weights is None and not path.exists() and say is not None:
+        say(f"note: {source} has random weights (no weights were given: pass --weights FILE or a run folder)")
+    model = load_model(source, weights=weights) if weights is not None else load_model(source)
     mean, std = normalisation(model)
     return model, {
         "mean": mean,

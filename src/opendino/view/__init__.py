@@ -1,0 +1,1 @@
+"""``opendino view``: a local web page for looking at dense features (PCA, patch similarity, text)."""
