@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_view_command_serves_a_named_architecture_and_refuses_bad_settings(tmp_p
         assert line.startswith("serving http://127.0.0.1:"), line
         url = line.split()[1]
         status, info = _call(url + "/api/info")
-        assert status == 200 and info["model"] == "tiny.safetensors" and info["resolution"] == 32
+        assert status == 200 and info["model"].endswith("tiny.safetensors") and info["resolution"] == 32
         status, _ = _call(url + "/api/upload", b"junk", raw=True)
         assert status == 400 and server.poll() is None  # refused, still up
     finally:
@@ -293,3 +294,44 @@ def test_the_page_in_headless_chromium_shows_what_the_model_computes(tmp_path):
             assert (again["row"], again["col"]) == (2, 2) and driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_screenshot_of_a_trained_model():
+    """The README's screenshot: ``OPENDINO_SCREENSHOT=docs/pictures/viewer.png OPENDINO_VIEW_MODEL=demo_out/text
+    OPENDINO_VIEW_IMAGES=FOLDER pytest -m slow tests/test_view.py -k screenshot`` (the first two images of the
+    folder, a click on ``OPENDINO_VIEW_PATCH`` (ROW,COL; default the centre) and, for a text-aligned run,
+    ``OPENDINO_VIEW_TEXT`` typed; ``OPENDINO_VIEW_RESOLUTION``: the input size)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    target, source = os.environ.get("OPENDINO_SCREENSHOT"), os.environ.get("OPENDINO_VIEW_MODEL")
+    if not target or not source:
+        pytest.skip("set OPENDINO_SCREENSHOT and OPENDINO_VIEW_MODEL (and OPENDINO_VIEW_IMAGES) to take it")
+    resolution = int(os.environ.get("OPENDINO_VIEW_RESOLUTION", 0)) or None
+    viewer = FeatureViewer.from_source(source, images=os.environ.get("OPENDINO_VIEW_IMAGES"), resolution=resolution)
+    driver = _chrome()
+    try:
+        with running(viewer) as url:
+            driver.get(url)
+            _wait(driver, "return document.body.dataset.ready")
+            names = viewer.info()["images"]
+            for panel, name in zip("ab", names[:2], strict=True):
+                Select(driver.find_element(By.ID, f"pick-{panel}")).select_by_value(name)
+                _wait(driver, f"return window.lastFeatures.{panel}")
+            grid = driver.execute_script("return window.lastFeatures.a")
+            row, col = map(int, os.environ.get("OPENDINO_VIEW_PATCH", f"{grid['h'] // 2},{grid['w'] // 2}").split(","))
+            image = driver.find_element(By.ID, "image-a")
+            side = image.size["width"]
+            x = (col + 0.5) * side / grid["w"] - side / 2
+            y = (row + 0.5) * side / grid["h"] - side / 2
+            ActionChains(driver).move_to_element_with_offset(image, int(x), int(y)).click().perform()
+            _wait(driver, "return window.lastSimilarity")
+            if viewer.text_model is not None and os.environ.get("OPENDINO_VIEW_TEXT"):
+                driver.find_element(By.ID, "text").send_keys(os.environ["OPENDINO_VIEW_TEXT"] + "\n")
+                _wait(driver, "return window.lastText && window.lastText.a")
+            driver.save_screenshot(target)
+    finally:
+        driver.quit()
+    assert Path(target).stat().st_size > 10_000

@@ -379,22 +379,12 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     import logging
 
-    from opendino.eval.suite import resolve_model
-    from opendino.models.checkpoint import CheckpointError
-    from opendino.models.text import load_text_model
     from opendino.view.server import FeatureViewer, ViewerError, ViewerLimits, serve
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; valid: cpu")
     if args.images is not None and not Path(args.images).exists():
         raise UsageError(f"--images {args.images}: no such file or folder")
-    model, info = resolve_model(args.model, args.weights, say=lambda line: print(line, file=sys.stderr))
-    text_model = None
-    if Path(args.model).is_dir():
-        try:
-            text_model = load_text_model(args.model)
-        except CheckpointError:
-            text_model = None  # a plain backbone's run: no words to type
     limits = ViewerLimits(
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_pixels=int(args.max_megapixels * 1e6),
@@ -402,14 +392,12 @@ def cmd_view(args: argparse.Namespace) -> int:
     )
     try:
         limits.check()
-        viewer = FeatureViewer(
-            model,
-            info["mean"],
-            info["std"],
-            name=Path(args.model).name if Path(args.model).exists() else f"{args.model} (random weights)",
-            resolution=args.resolution or info["resolution"],
+        viewer = FeatureViewer.from_source(
+            args.model,
+            args.weights,
+            say=lambda line: print(line, file=sys.stderr),
+            resolution=args.resolution,
             images=args.images,
-            text_model=text_model,
             limits=limits,
             device=args.device,
         )
@@ -418,7 +406,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {args.host} lets other machines reach the viewer", file=sys.stderr)
-    if text_model is not None:
+    if viewer.text_model is not None:
         print("text-aligned run: type words on the page for per-patch text similarity", file=sys.stderr)
     serve(viewer, args.host, args.port, say=lambda line: print(line, flush=True))
     return 0

@@ -212,5 +212,8 @@ def run_demo(
     )
     results = {**results, "text": text_results}
     (out / README_TABLE).write_text(readme_table(results))
-    print(f"  the README's demo table of this run: {out / README_TABLE}\n")
+    print(f"  the README's demo table of this run: {out / README_TABLE}")
+    images = next((out / "eval" / "cache").glob("synthetic-*/val"), None)
+    if images is not None:
+        print(f"  look at its features in a browser: opendino view {text_run} --images {images}\n")
     return results

@@ -121,6 +121,27 @@ class FeatureViewer:
         self._text_patches: OrderedDict[tuple, Tensor] = OrderedDict()
         self._lock = threading.Lock()  # one forward at a time; the caches are shared between request threads
 
+    @classmethod
+    def from_source(
+        cls, source: str, weights: str | None = None, say: Callable[[str], None] | None = None, **kwargs
+    ) -> FeatureViewer:
+        """The viewer of a run folder (with its text tower, if it has one), a checkpoint file or a registered
+        name (``weights``: its checkpoint; without, random weights, said through ``say``)."""
+        from opendino.eval.suite import resolve_model
+        from opendino.models.checkpoint import CheckpointError
+        from opendino.models.text import load_text_model
+
+        model, info = resolve_model(source, weights, say)
+        text_model = None
+        if Path(source).is_dir():
+            try:
+                text_model = load_text_model(source)
+            except CheckpointError:
+                text_model = None  # a plain backbone's run: no words to type
+        name = str(source) if Path(source).exists() else f"{source} (random weights)"
+        kwargs["resolution"] = kwargs.get("resolution") or info["resolution"]
+        return cls(model, info["mean"], info["std"], name=name, text_model=text_model, **kwargs)
+
     # -- what the page asks -------------------------------------------------------------------------------
     def info(self) -> dict:
         from matplotlib import colormaps
