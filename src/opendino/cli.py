@@ -79,6 +79,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_workers=args.workers,
         keep_patch=not args.no_patch,
+        compile=args.compile,
     )
     meta = {"model": args.model, "weights": args.weights, "resolution": args.resolution, "resize": args.resize}
     written = save_features(feats, out, meta)
@@ -295,6 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         classnames=args.classnames,
         templates=args.templates,
         baselines=args.baseline or (),
+        compile=args.compile,
     )
     from opendino.eval.report import SETTINGS, baseline_labels, chance, difference
 
@@ -518,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     p.add_argument("--workers", type=int, default=0, help="data-loader processes for decoding")
     p.add_argument("--no-patch", action="store_true", help="skip the patch-grid features")
+    p.add_argument(
+        "--compile", action="store_true", help="run the model through torch.compile (minutes to compile on a CPU)"
+    )
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser(
@@ -697,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or the raw pixels at the same resolution through the same probes, with the difference trained - "
         "baseline of every metric; repeatable",
     )
+    p.add_argument("--compile", action="store_true", help="extract features through torch.compile (same values)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

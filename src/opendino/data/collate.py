@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from opendino.data.masking import BlockMaskGenerator
@@ -27,10 +28,15 @@ def collate_masks(
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     rows: Tensor | None = None,
+    pad: bool = False,
 ) -> dict[str, Tensor]:
     """iBOT masks for ``n_crops`` global crops of ``n_tokens`` patches each, with the derived tensors the
     losses need: flat masked indices, per-token weights (1 / #masked in its crop) and the masked count.
-    ``rows``: the crops to keep (this rank's share of the global batch); default all."""
+    ``rows``: the crops to keep (this rank's share of the global batch); default all.
+
+    ``pad``: the masked rows padded to the most this rank's crops can hold (the sum of the largest counts
+    the ratios give, fixed for a batch size), so every step has the same shapes (a compiled or captured
+    step). Padding rows point at token 0 and weigh 0; ``mask_valid`` tells them apart."""
     if generator.num_patches != n_tokens:
         raise ValueError(f"mask generator grid has {generator.num_patches} cells, crops have {n_tokens} tokens")
     n_masked = int(n_crops * mask_probability)
@@ -42,13 +48,20 @@ def collate_masks(
     if rows is not None:
         collated = collated[rows]
     per_crop = collated.sum(-1, keepdim=True).clamp(min=1)
-    return {
+    out = {
         "collated_masks": collated,
         "mask_indices_list": collated.flatten().nonzero().flatten(),
         "masks_weight": (1.0 / per_crop).expand_as(collated)[collated],
         "n_masked_patches": torch.tensor([int(collated.sum())]),
         "upperbound": sum(counts),
     }
+    if pad:  # every mask has exactly its count of tokens, so this bound holds whatever the shuffle gave
+        bound = sum(sorted(counts, reverse=True)[: len(collated)])
+        n = out["mask_indices_list"].numel()
+        out["mask_indices_list"] = F.pad(out["mask_indices_list"], (0, bound - n))
+        out["masks_weight"] = F.pad(out["masks_weight"], (0, bound - n))
+        out["mask_valid"] = torch.arange(bound) < n
+    return out
 
 
 def stack_crop_major(per_image: list[Tensor]) -> Tensor:

@@ -259,8 +259,9 @@ class SSLCollate:
         rank: int = 0,
         world_size: int = 1,
         draw_masks: bool = True,
+        pad_masks: bool = False,
     ) -> None:
-        self.patch_size, self.draw_masks = patch_size, draw_masks
+        self.patch_size, self.draw_masks, self.pad_masks = patch_size, draw_masks, pad_masks
         self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
         self.scale = teacher_to_student_resolution_scale
         self.rank, self.world_size = rank, world_size
@@ -290,7 +291,11 @@ class SSLCollate:
         b, world = len(samples), self.world_size
         mine = torch.arange(self.rank * b, (self.rank + 1) * b)
         rows = torch.cat([mine, mine + world * b])  # crop 0 and crop 1 of this rank's images
-        batch.update(collate_masks(2 * world * b, grid * grid, generator, self.mask_ratio, self.mask_probability, rows))
+        batch.update(
+            collate_masks(
+                2 * world * b, grid * grid, generator, self.mask_ratio, self.mask_probability, rows, self.pad_masks
+            )
+        )
         return batch
 
 
@@ -313,6 +318,7 @@ def build_ssl_loader(
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     draw_masks: bool = True,
+    pad_masks: bool = False,
 ) -> DataLoader:
     """An endless loader of SSL batches starting at ``start_step``: collated crops, or with
     ``crops_on_device`` whole images and crop boxes for ``MultiCrop.geometric_collated``."""
@@ -337,6 +343,7 @@ def build_ssl_loader(
             rank=rank,
             world_size=world_size,
             draw_masks=draw_masks,
+            pad_masks=pad_masks,
         ),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -35,6 +35,7 @@ Batch = TypedDict(
         "mask_indices_list": Tensor,  # their flat indices into [2B * N]
         "masks_weight": Tensor,  # per masked token, 1 / (masked tokens of its crop)
         "n_masked_patches": Tensor,  # their count (a device scalar)
+        "mask_valid": Tensor,  # with MaskSpec.padded: which of the (padded) masked rows are real
         "upperbound": int,  # the most tokens the mask generator may mask in a step (the official bound)
         "labels": Tensor,  # [B] the source's labels (class folders, CSV labels, synthetic classes; else 0)
         "skipped": list,  # the paths of unreadable images replaced in this batch
@@ -55,6 +56,7 @@ class MaskSpec:
     patch_size: int
     ratio: tuple[float, ...] = (0.1, 0.5)
     probability: float = 0.5
+    padded: bool = False  # masked rows padded to a fixed bound: the same shapes every step (``mask_valid``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +184,7 @@ class DataPipeline:
             mask_ratio=tuple(masks.ratio) if masks else (0.0, 0.0),
             mask_probability=masks.probability if masks else 0.0,
             draw_masks=masks is not None,
+            pad_masks=masks.padded if masks else False,
         )
 
     def batches(self, source: ImageSource, start: int) -> Iterator[Batch]:

@@ -109,13 +109,16 @@ def extract_features(
     progress: bool = True,
     indices: Sequence[int] | None = None,
     describe: Callable[[Tensor], object] | None = None,
+    compile: bool = False,
 ) -> Features:
     """Runs ``model.forward_features`` over the images (files, or the records of an image source, all or
     those at ``indices``); unreadable ones are skipped and listed. ``patch_dtype=torch.float16`` halves the
     memory of the patch grids of large sets; ``describe`` (a picklable function of the decoded uint8 image,
-    run where it is decoded) adds its value for each image."""
+    run where it is decoded) adds its value for each image. ``compile``: through ``torch.compile``, every
+    batch padded to ``batch_size`` so that one graph serves them all."""
     device = torch.device(device)
     model = model.to(device).eval()
+    forward = torch.compile(model.forward_features, dynamic=False) if compile else model.forward_features
     dataset = _ImageDataset(paths, eval_transform(resolution, mean, std, resize), indices, describe)
     dataset.source.set_channels(input_channels(model))  # an N-channel model reads N-channel images
     name = dataset.source.path
@@ -133,8 +136,13 @@ def extract_features(
         descriptions += described[0] if described else []
         if images is None:
             continue
+        n = len(images)
+        if compile and n < batch_size:  # the last (or a short) batch: padded, not a second graph
+            images = torch.cat([images, images[-1:].expand(batch_size - n, *images.shape[1:])])
         with autocast:
-            out = model.forward_features(images.to(device, non_blocking=True))
+            out = forward(images.to(device, non_blocking=True))
+        out = {k: v[:n] for k, v in out.items() if isinstance(v, Tensor)}
+        images = images[:n]
         tokens = out["x_norm_patchtokens"].float()
         h, w = images.shape[-2] // model.feature_stride, images.shape[-1] // model.feature_stride
         cls.append(global_feature(model, out).float().cpu())

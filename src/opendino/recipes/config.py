@@ -99,6 +99,9 @@ class LossConfig:
     shared_head: bool = False  # iBOT uses the DINO head (the DINOv2 default; ibot_head is then unused)
     mask_ratio: tuple[float, ...] = (0.1, 0.5)  # iBOT: masked share of tokens, spread over the masked crops
     mask_probability: float = 0.5  # share of global crops that are masked
+    # iBOT's masked rows padded to the most a batch of this size can mask (padding rows weigh 0; the loss is
+    # unchanged): fixed shapes every step, for train.compile without recompiles and for captured steps
+    pad_masked_rows: bool = False
     # KoLeo neighbours: 0 = within each rank's crops (official pretraining); N = within contiguous groups
     # of N samples of the global batch, gathered across ranks (high-resolution stage: 16); -1 = the whole
     # global batch (the same loss at any world size).

@@ -4,7 +4,7 @@ Per student submodule (backbone, DINO head, iBOT head): layer-wise lr decay ``de
 for modules with ``blocks`` (patch embedding and tokens at layer 0, block ``i`` at ``i + 1``, final norms
 at ``L + 1``), an extra multiplier for the patch embedding, no weight decay for biases, norms and
 LayerScale, a separate (frozen at first) learning rate for the heads' last layers. Groups with equal
-multipliers are fused per submodule, so AdamW runs few, large multi-tensor groups. The loop applies its
+settings are fused (across submodules), so AdamW runs few, large multi-tensor groups. The loop applies its
 lr and weight-decay schedules to each group through the multipliers (train/optim.py).
 """
 
@@ -60,13 +60,19 @@ def param_groups(
     fuse: bool = True,
     frozen_until: dict[str, int] | None = None,
     ramp_steps: dict[str, int] | None = None,
+    merge_submodules: bool = True,
 ) -> list[dict]:
-    """Optimizer groups; fused ones merge equal (lr, wd, last-layer) settings within each submodule.
+    """Optimizer groups; fused ones merge the parameters of equal settings (lr and wd multipliers, last
+    layer, freeze and ramp): one group per distinct setting across submodules (``merge_submodules``; the
+    same update as a group per submodule, in fewer and larger multi-tensor kernels), or within each.
     ``frozen_until``: submodule name -> the step before which its lr is 0 (heads warming up);
     ``ramp_steps``: submodule name -> the steps over which its lr then ramps back (train/optim.py)."""
     groups: dict[tuple, dict] = {}
     for i, s in enumerate(settings):
-        key = (s.name.split(".")[0], s.lr_multiplier, s.wd_multiplier, s.is_last_layer) if fuse else (i,)
+        submodule = s.name.split(".")[0]
+        frozen, ramp = (frozen_until or {}).get(submodule, 0), (ramp_steps or {}).get(submodule, 0)
+        key = (s.lr_multiplier, s.wd_multiplier, s.is_last_layer, frozen, ramp)
+        key = (i,) if not fuse else key if merge_submodules else (submodule, *key)
         group = groups.setdefault(
             key,
             {
@@ -75,8 +81,8 @@ def param_groups(
                 "lr_multiplier": s.lr_multiplier,
                 "wd_multiplier": s.wd_multiplier,
                 "is_last_layer": s.is_last_layer,
-                "frozen_until": (frozen_until or {}).get(s.name.split(".")[0], 0),
-                "ramp_steps": (ramp_steps or {}).get(s.name.split(".")[0], 0),
+                "frozen_until": frozen,
+                "ramp_steps": ramp,
             },
         )
         group["params"].append(s.param)

@@ -145,7 +145,7 @@ class SSLRecipe(Recipe):
         owner = shared.model if shared is not None else self.student
         patch = getattr(owner.backbone, "patch_size", 16)
         loss, gram = self.cfg.loss, self.cfg.gram
-        masks = MaskSpec(patch, tuple(loss.mask_ratio), loss.mask_probability)
+        masks = MaskSpec(patch, tuple(loss.mask_ratio), loss.mask_probability, loss.pad_masked_rows)
         return DataNeeds(masks, gram.needs_crops, gram.crop_scale, gram.no_distortions)
 
     def start_fresh(self, say: Callable[[str], None]) -> tuple[int, dict | None]:
@@ -228,6 +228,7 @@ class SSLRecipe(Recipe):
             batch["masks_weight"],
             batch["n_masked_patches"],
             self.teacher_temp,
+            batch.get("mask_valid"),
         )
         if self.gram is not None:
             terms["gram"] = self.gram.loss(glob["x_norm_patchtokens"], batch, ema_patches)
@@ -249,11 +250,13 @@ class SSLRecipe(Recipe):
         masks_weight: Tensor,
         n_masked: Tensor,
         teacher_temp: float,
+        mask_valid: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Sinkhorn-Knopp targets from the teacher's logits, then the DINO (local and global), KoLeo and
         iBOT terms. One function of tensors, so that ``train.compile`` can fuse the passes over the
         ``[M, K]`` logits (softmax, cross-entropy, Sinkhorn-Knopp) into few kernels.
-        ``student_cls``: the student's DINO logits of the global then the local crops, crop-major."""
+        ``student_cls``: the student's DINO logits of the global then the local crops, crop-major.
+        ``mask_valid``: with padded masked rows, the real ones (padding gets no target and no weight)."""
         temp = self.cfg.loss.student_temp
         n_global_rows = global_cls_tokens.shape[0]
         student_global, student_local = student_cls[:n_global_rows], student_cls[n_global_rows:]
@@ -272,7 +275,7 @@ class SSLRecipe(Recipe):
             )
         ):
             cls_probs = self._targets("dino", level, t_cls, teacher_temp).unflatten(0, (N_GLOBAL, -1))
-            patch_probs = self._targets("ibot", level, t_patch, teacher_temp, n_samples=n_masked)
+            patch_probs = self._targets("ibot", level, t_patch, teacher_temp, n_masked, mask_valid)
             terms["dino_local"] = terms["dino_local"] + dino_loss(
                 s_loc.unflatten(0, (-1, cls_probs.shape[1])), cls_probs, temp
             )
@@ -285,22 +288,30 @@ class SSLRecipe(Recipe):
             terms["ibot"] = terms["ibot"] + ibot_loss_masked(s_patch, patch_probs, masks, masks_weight, temp)
         if self.centers is not None:  # batch n's statistics centre batch n + 1 (DINOv2)
             self.centers["dino"].update(teacher_cls)
-            self.centers["ibot"].update(teacher_patches)
+            self.centers["ibot"].update(teacher_patches, valid=mask_valid)
         terms["koleo"] = sum(self._koleo(c) for c in global_cls_tokens.chunk(N_GLOBAL)) / N_GLOBAL
         return terms
 
     def _targets(
-        self, head: str, level: int, logits: Tensor, teacher_temp: float, n_samples: Tensor | None = None
+        self,
+        head: str,
+        level: int,
+        logits: Tensor,
+        teacher_temp: float,
+        n_samples: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """The teacher's target distributions of one head level: Sinkhorn-Knopp, or the softmax around
-        that level's slice of the EMA centre."""
+        that level's slice of the EMA centre (``valid``: the real rows; padding rows get zeros)."""
         if self.centers is None:
-            return sinkhorn_knopp(logits, teacher_temp, self.cfg.loss.sinkhorn_iterations, n_samples=n_samples)
+            iterations = self.cfg.loss.sinkhorn_iterations
+            return sinkhorn_knopp(logits, teacher_temp, iterations, n_samples=n_samples, valid=valid)
         sizes = (
             self.student.dino_head if head == "dino" else self.student.ibot_head or self.student.dino_head
         ).level_sizes
         center = self.centers[head].center.split(sizes, -1)[level]
-        return torch.softmax((logits.float() - center) / teacher_temp, dim=-1)
+        probs = torch.softmax((logits.float() - center) / teacher_temp, dim=-1)
+        return probs if valid is None else probs * valid[:, None]
 
     def _koleo(self, cls: Tensor) -> Tensor:
         """KoLeo within this rank's crops (official), or over groups of the global batch across ranks."""

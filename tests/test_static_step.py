@@ -1,0 +1,152 @@
+"""The pieces of a fixed-shape training step (issue: GPU speed): padded iBOT rows give the unpadded loss and
+gradients; merged optimizer groups give the update of the per-submodule groups."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import yaml
+
+from opendino.data.augment import CropConfig
+from opendino.data.collate import collate_masks
+from opendino.data.loader import build_ssl_loader
+from opendino.data.masking import BlockMaskGenerator
+from opendino.data.sources import open_source
+from opendino.recipes.param_groups import param_groups, param_settings
+from opendino.recipes.ssl import SSLRecipe
+from opendino.train.config import load_train_config
+from opendino.train.optim import apply_schedules, build_optimizer
+from tests.test_train import TINY
+
+
+def _recipe(tmp_path, **loss) -> SSLRecipe:
+    spec = copy.deepcopy(TINY)
+    spec["loss"] = loss
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    torch.manual_seed(0)
+    return SSLRecipe(load_train_config(path)).train()
+
+
+def _batches(pad: bool, rank: int, n: int = 3) -> list[dict]:
+    loader = build_ssl_loader(
+        open_source(source="synthetic", n=16, size=48),
+        [CropConfig(32, 16, 2)],
+        batch_size=4,
+        rank=rank,
+        world_size=2,  # this rank's crops: a masked count that changes from step to step
+        pad_masks=pad,
+    )
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_padded_masked_rows_have_a_fixed_length_and_point_at_the_same_tokens():
+    def draw(seed, pad):
+        generator = BlockMaskGenerator(4, max_num_patches=8, seed=seed)
+        return collate_masks(16, 16, generator, rows=torch.arange(0, 8), pad=pad)
+
+    lengths, counts = set(), set()
+    for seed in range(12):
+        plain, padded = draw(seed, False), draw(seed, True)
+        n = int(plain["n_masked_patches"])
+        counts.add(n)
+        lengths.add(padded["mask_indices_list"].numel())
+        assert torch.equal(padded["mask_indices_list"][:n], plain["mask_indices_list"])
+        assert torch.equal(padded["masks_weight"][:n], plain["masks_weight"])
+        assert padded["masks_weight"][n:].eq(0).all() and int(padded["mask_valid"].sum()) == n
+        assert torch.equal(padded["n_masked_patches"], plain["n_masked_patches"])
+    assert len(counts) > 1 and len(lengths) == 1  # the count moves, the shape does not
+    assert lengths.pop() >= max(counts)
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
+def test_padded_masked_rows_give_the_unpadded_loss_and_gradients(tmp_path, centering):
+    recipe = _recipe(tmp_path, centering=centering)
+    twin = copy.deepcopy(recipe)
+    recipe.before_step(0), twin.before_step(0)
+    padding, worst = 0, 0.0
+    for plain, padded in zip(_batches(False, rank=1), _batches(True, rank=1), strict=True):
+        padding += padded["mask_indices_list"].numel() - plain["mask_indices_list"].numel()
+        results = []
+        for r, batch in ((recipe, plain), (twin, padded)):
+            torch.manual_seed(1)  # the same drop-path draws for both
+            r.student.zero_grad(set_to_none=True)
+            loss, terms = r(batch)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in r.student.named_parameters() if p.grad is not None}
+            results.append((loss.detach(), {k: torch.as_tensor(v).detach() for k, v in terms.items()}, grads))
+        (loss, terms, grads), (loss_p, terms_p, grads_p) = results
+        torch.testing.assert_close(loss_p, loss, rtol=0, atol=1e-6)
+        for name in terms:
+            torch.testing.assert_close(terms_p[name], terms[name], rtol=0, atol=1e-6)
+        assert grads.keys() == grads_p.keys()
+        for name in grads:  # float32 sums over another row count: reordered, so relative to the gradient
+            torch.testing.assert_close(grads_p[name], grads[name], rtol=1e-4, atol=1e-6)
+            worst = max(worst, float(((grads_p[name] - grads[name]).abs() / grads[name].abs().clamp(min=1)).max()))
+    assert padding > 0
+    print(f"largest gradient difference, relative to max(1, |g|): {worst:.2e}")
+    if centering == "softmax":  # the EMA centres leave the padding rows out as well
+        torch.testing.assert_close(twin.centers["ibot"].center, recipe.centers["ibot"].center, rtol=0, atol=1e-6)
+
+
+def test_a_rank_of_padding_alone_gets_zero_targets_not_nan():
+    from opendino.losses import sinkhorn_knopp
+
+    logits = torch.randn(5, 7)
+    targets = sinkhorn_knopp(logits, 0.05, valid=torch.zeros(5, dtype=torch.bool))
+    assert torch.equal(targets, torch.zeros(5, 7))
+    some = torch.tensor([True, True, False, True, False])
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.05, valid=some)[some], sinkhorn_knopp(logits[some], 0.05))
+
+
+def test_merged_optimizer_groups_give_the_update_of_the_per_submodule_groups(tmp_path):
+    recipe = _recipe(tmp_path)
+    settings = param_settings(recipe.student, 0.9, 0.2)
+    frozen = {"frozen_until": {"backbone": 2}, "ramp_steps": {"backbone": 3}}
+    merged, separate = param_groups(settings, **frozen), param_groups(settings, merge_submodules=False, **frozen)
+    assert len(merged) < len(separate)
+    assert sorted(len(g["params"]) for g in merged) != sorted(len(g["params"]) for g in separate)
+    keys = ("lr_multiplier", "wd_multiplier", "is_last_layer", "frozen_until", "ramp_steps")
+    assert len({tuple(g[k] for k in keys) for g in merged}) == len(merged)  # one group per distinct setting
+    params = [s.param for s in settings]
+    start = [p.detach().clone() for p in params]
+    finals = []
+    for groups in (merged, separate):
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+        optimizer = build_optimizer(groups)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            apply_schedules(optimizer, 1e-3, 0.04, 5e-4, step)
+            optimizer.step()
+        finals.append([p.detach().clone() for p in params])
+    for a, b in zip(*finals, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(finals[0], start, strict=True))
+
+
+def test_compiled_extraction_equals_eager_with_a_short_last_batch(tmp_path):
+    from PIL import Image
+
+    from opendino.eval.features import extract_features
+    from opendino.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("vits16", embed_dim=32, num_heads=2, depth=1, n_storage_tokens=0)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(5):  # batches of 4: the last holds one image, padded for the compiled graph
+        pixels = torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8, generator=gen).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    paths = sorted(tmp_path.glob("*.png"))
+    kw = {"mean": (0.5,) * 3, "std": (0.25,) * 3, "resolution": 32, "batch_size": 4, "progress": False}
+    torch._dynamo.reset()
+    eager, compiled = extract_features(model, paths, **kw), extract_features(model, paths, compile=True, **kw)
+    assert compiled.paths == eager.paths and compiled.cls.shape == (5, 32) and compiled.patch.shape == (5, 2, 2, 32)
+    for name in ("cls", "pooled", "patch"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-4, atol=1e-5)
