@@ -360,3 +360,77 @@ def test_a_synthetic_training_sample_renders_its_scene_once():
     ]
     assert calls == [3]  # image and label from one render
     assert sample["label"] == render_scene(3, 48).label
+
+
+def _photo_folder(folder: Path) -> dict[str, Path]:
+    """JPEGs the device decoder takes (one larger than max_image_side, one grey) and files it does not."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def photo(h, w):
+        coarse = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        return Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+
+    files = {
+        "plain": ("a.jpg", photo(60, 80), {}),
+        "large": ("b.jpg", photo(90, 120), {}),  # reduced to max_image_side on the device
+        "grey": ("c.jpg", photo(64, 64).convert("L"), {}),
+        "png": ("d.png", photo(50, 70), {}),
+        "cmyk": ("e.jpg", photo(64, 48).convert("CMYK"), {}),
+    }
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # EXIF: rotate 90 degrees on display
+    files["rotated"] = ("f.jpg", photo(48, 64), {"exif": rotated.tobytes()})
+    paths = {}
+    for key, (name, image, options) in files.items():
+        image.save(folder / name, quality=90, **options)
+        paths[key] = folder / name
+    return paths
+
+
+def test_jpegs_decoded_on_the_device_give_the_batches_of_worker_decoding(tmp_path):
+    from opendino.data.device_decode import decode_batch, jpeg_header
+    from opendino.data.sources import FolderSource
+
+    paths = _photo_folder(tmp_path / "photos")
+    taken = {k for k, p in paths.items() if jpeg_header(p.read_bytes()) is not None}
+    assert taken == {"plain", "large", "grey"}  # PNG, CMYK and EXIF-rotated JPEGs stay with the workers
+    source = FolderSource(tmp_path / "photos")
+    cfg = CropConfig(global_size=32, local_size=16, n_local=2)
+    kwargs = dict(batch_size=6, seed=3, photometric_in_worker=False, crops_on_device=True, max_image_side=100)
+    workers = next(iter(build_ssl_loader(source, [cfg], **kwargs)))
+    device = next(iter(build_ssl_loader(source, [cfg], decode_on_device=True, **kwargs)))
+    assert "images" not in device and sum(j is not None for j in device["jpegs"]) == 3
+    assert sum(d is not None for d in device["decoded"]) == 3
+    for key in ("boxes", "collated_masks", "mask_indices_list", "labels"):
+        assert torch.equal(device[key], workers[key]), key
+    images, skipped = decode_batch(device["jpegs"], device["decoded"], device["names"], 100, torch.device("cpu"))
+    assert skipped == [] and max(max(i.shape[-2:]) for i in images) == 100
+    # the same decoder (libjpeg-turbo) and the same reduction: the same pixels, hence the same crops
+    assert torch.equal(pad_stack(images), workers["images"])
+
+
+def test_a_jpeg_the_device_cannot_decode_is_replaced_and_named(tmp_path):
+    from opendino.data.device_decode import decode_batch
+
+    paths = _photo_folder(tmp_path / "photos")
+    good = torch.frombuffer(bytearray(paths["plain"].read_bytes()), dtype=torch.uint8)
+    broken = torch.frombuffer(bytearray(paths["plain"].read_bytes()[:200] + b"\x00" * 300), dtype=torch.uint8)
+    images, skipped = decode_batch(
+        [good, broken, None],
+        [None, None, torch.zeros(3, 5, 5, dtype=torch.uint8)],
+        ["good.jpg", "broken.jpg", "x.png"],
+        1024,
+        torch.device("cpu"),
+    )
+    assert skipped == ["broken.jpg"] and torch.equal(images[1], images[0]) and images[2].shape == (3, 5, 5)
+    with pytest.raises(RuntimeError, match="no image of the batch could be decoded"):
+        decode_batch([broken], [None], ["broken.jpg"], 1024, torch.device("cpu"))
+    with pytest.raises(ValueError, match="decode_on_device needs data.crops_on_device"):
+        build_ssl_loader(
+            SyntheticSource(n=4, size=32),
+            [CropConfig(32, 16, 2)],
+            batch_size=2,
+            photometric_in_worker=False,
+            decode_on_device=True,
+        )

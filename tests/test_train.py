@@ -259,6 +259,22 @@ def test_crops_cut_on_the_device_train_like_crops_cut_in_workers(preset, tmp_pat
             assert b[key] == pytest.approx(a[key], abs=2e-3), key
 
 
+def test_jpegs_decoded_on_the_device_train_exactly_like_jpegs_decoded_in_workers(preset, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(8):
+        coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((56, 48), Image.BICUBIC).save(tmp_path / "photos" / f"{i}.jpg", quality=90)
+    common = [f"data.path={tmp_path / 'photos'}", "data.source=folder", "data.photometric_on_device=true"]
+    common += ["data.crops_on_device=true"]
+    common += ["train.steps=3"]
+    Trainer(load_train_config(preset, [f"run.dir={tmp_path / 'workers'}", *common])).run()
+    there = [*common, "data.decode_on_device=true"]
+    Trainer(load_train_config(preset, [f"run.dir={tmp_path / 'device'}", *there])).run()
+    workers, device = read_metrics(tmp_path / "workers"), read_metrics(tmp_path / "device")
+    assert len(device) == 3 and _values(device) == _values(workers)  # the same decoder on the CPU: the same run
+
+
 def test_loss_falls_on_the_synthetic_world(preset, tmp_path):
     run = tmp_path / "falls"
     Trainer(load_train_config(preset, [f"run.dir={run}", "train.steps=24", "optim.epochs=4"])).run()

@@ -23,6 +23,9 @@ class DataConfig:
     # photometric_on_device).
     crops_on_device: bool = False
     max_image_side: int = 1024  # with crops_on_device: larger images are reduced to it first (>= the largest crop)
+    # With crops_on_device: JPEGs travel as their files' bytes and are decoded batched on the device (nvJPEG on
+    # CUDA); other formats are decoded in the workers (data/device_decode.py)
+    decode_on_device: bool = False
 
     def check(self) -> None:
         from opendino.data.sources import SOURCES
@@ -42,6 +45,8 @@ class DataConfig:
             raise ConfigError(f"data.source=mix needs a .yaml/.yml mix manifest as data.path, not {self.path}")
         if manifest and self.source not in (None, "mix"):
             raise ConfigError(f"data.path={self.path} is a mix manifest: data.source=mix or null (not {self.source})")
+        if self.decode_on_device and not self.crops_on_device:
+            raise ConfigError("data.decode_on_device needs data.crops_on_device=true (the crops are cut where decoded)")
         if self.crops_on_device and not self.photometric_on_device:
             raise ConfigError(
                 "data.crops_on_device needs data.photometric_on_device=true (crops are distorted where they are cut)"

@@ -29,12 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from opendino.data.augment import CropConfig, MultiCrop
 from opendino.data.collate import collate_masks, stack_crop_major
 from opendino.data.config import DataConfig
+from opendino.data.device_decode import fit_side, fitted_size, jpeg_header
 from opendino.data.masking import BlockMaskGenerator
 from opendino.data.mix import Mixture
 from opendino.data.sources import ImageSource
@@ -184,7 +183,8 @@ def load_or_replace(
 class MultiCropDataset(torch.utils.data.Dataset):
     """Decodes a source image and makes its uint8 crops (``photometric`` runs per sample or batched), or,
     with ``crops_on_device``, only draws their boxes: the image travels whole and the crops are cut batched
-    on the device (``MultiCrop.geometric_collated``)."""
+    on the device (``MultiCrop.geometric_collated``); with ``decode_on_device`` too, a JPEG travels as its
+    file's bytes and is decoded there (data/device_decode.py)."""
 
     def __init__(
         self,
@@ -193,47 +193,52 @@ class MultiCropDataset(torch.utils.data.Dataset):
         photometric_in_worker: bool = True,
         crops_on_device: bool = False,
         max_image_side: int = 1024,
+        decode_on_device: bool = False,
     ):
         settings = {"crops_on_device": crops_on_device, "max_image_side": max_image_side}
+        settings["decode_on_device"] = decode_on_device
         DataConfig(photometric_on_device=not photometric_in_worker, **settings).check()
         self.source = source
         self.multicrops = [MultiCrop(c) for c in crop_sets]
         self.photometric_in_worker = photometric_in_worker
         self.crops_on_device, self.max_image_side = crops_on_device, max_image_side
+        self.decode_on_device = decode_on_device
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, ref: SampleRef) -> dict:
-        img, index, skipped = load_or_replace(self.source, ref.index)
         gen = torch.Generator().manual_seed(ref.seed)
         multicrop = self.multicrops[ref.crop_set]
+        common = {"crop_set": ref.crop_set, "global_size": multicrop.config.global_size, "mask_seed": ref.mask_seed}
+        if self.decode_on_device:
+            raw = self.source.read_bytes(ref.index)
+            size = jpeg_header(raw)
+            if size is not None:  # the boxes of the image as the device will hold it
+                height, width = fitted_size(*size, self.max_image_side)
+                return {
+                    "jpeg": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                    "name": self.source.path(ref.index),
+                    "boxes": multicrop.crop_boxes(height, width, gen),
+                    "label": self.source.label(ref.index),
+                    "skipped": [],
+                    **common,
+                }
+        img, index, skipped = load_or_replace(self.source, ref.index)
         if self.crops_on_device:
-            img = _fit_side(img, self.max_image_side)
+            img = fit_side(img, self.max_image_side)
             return {
                 "image": img,
+                "name": self.source.path(index),
                 "boxes": multicrop.crop_boxes(*img.shape[-2:], gen),
-                "crop_set": ref.crop_set,
-                "global_size": multicrop.config.global_size,
                 "label": self.source.label(index),
                 "skipped": skipped,
-                "mask_seed": ref.mask_seed,
+                **common,
             }
         crops = multicrop.geometric(img, gen)
         if self.photometric_in_worker:
             crops = multicrop.photometric(crops, gen)
         return {**crops, "label": self.source.label(index), "skipped": skipped, "mask_seed": ref.mask_seed}
-
-
-def _fit_side(img: Tensor, max_side: int) -> Tensor:
-    """A huge image reduced to ``max_side`` (antialiased), so that one of them cannot blow up the padded
-    batch of whole images."""
-    height, width = img.shape[-2:]
-    if max(height, width) <= max_side:
-        return img
-    scale = max_side / max(height, width)
-    size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    return TF.resize(img, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
 
 def pad_stack(images: list[Tensor]) -> Tensor:
@@ -267,12 +272,14 @@ class SSLCollate:
         self.rank, self.world_size = rank, world_size
 
     def __call__(self, samples: list[dict]) -> dict:
-        if "image" in samples[0]:  # crops cut on the device
-            batch = {
-                "images": pad_stack([s["image"] for s in samples]),
-                "boxes": torch.stack([s["boxes"] for s in samples]),
-                "crop_set": samples[0]["crop_set"],
-            }
+        if "boxes" in samples[0]:  # crops cut on the device
+            batch = {"boxes": torch.stack([s["boxes"] for s in samples]), "crop_set": samples[0]["crop_set"]}
+            if any("jpeg" in s for s in samples):  # decoded there too: data/device_decode.py
+                batch["jpegs"] = [s.get("jpeg") for s in samples]
+                batch["decoded"] = [s.get("image") for s in samples]
+                batch["names"] = [s["name"] for s in samples]
+            else:
+                batch["images"] = pad_stack([s["image"] for s in samples])
             global_size = samples[0]["global_size"]
         else:
             batch = {
@@ -315,6 +322,7 @@ def build_ssl_loader(
     photometric_in_worker: bool = True,
     crops_on_device: bool = False,
     max_image_side: int = 1024,
+    decode_on_device: bool = False,
     mask_ratio: tuple[float, float] = (0.1, 0.5),
     mask_probability: float = 0.5,
     draw_masks: bool = True,
@@ -333,7 +341,7 @@ def build_ssl_loader(
         mixture=getattr(source, "mixture", None),
     )
     return DataLoader(
-        MultiCropDataset(source, crop_sets, photometric_in_worker, crops_on_device, max_image_side),
+        MultiCropDataset(source, crop_sets, photometric_in_worker, crops_on_device, max_image_side, decode_on_device),
         batch_sampler=sampler,
         collate_fn=SSLCollate(
             patch_size,

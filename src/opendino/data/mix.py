@@ -263,6 +263,10 @@ class MixedSource(ImageSource):
         j, i = self.source_of(index)
         return self.sources[j].decode(i)
 
+    def read_bytes(self, index: int) -> bytes | None:
+        j, i = self.source_of(index)
+        return self.sources[j].read_bytes(i)
+
     def set_channels(self, n: int) -> None:
         """Every source decodes to ``n`` channels (the mix's images all feed one model)."""
         super().set_channels(n)

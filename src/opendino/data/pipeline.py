@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from opendino.data.augment import CropConfig, MultiCrop, normalize
 from opendino.data.captions import CaptionedSource, as_captioned, build_pair_loader
 from opendino.data.config import CropsConfig, DataConfig
-from opendino.data.loader import build_ssl_loader
+from opendino.data.device_decode import decode_batch
+from opendino.data.loader import build_ssl_loader, pad_stack
 from opendino.data.sources import ImageSource, open_source
 
 # A training batch on the device, crops crop-major (crop 0 of every image, then crop 1, ...): the keys a
@@ -181,6 +182,7 @@ class DataPipeline:
             photometric_in_worker=not self.data.photometric_on_device,
             crops_on_device=self.data.crops_on_device,
             max_image_side=self.data.max_image_side,
+            decode_on_device=self.data.decode_on_device,
             mask_ratio=tuple(masks.ratio) if masks else (0.0, 0.0),
             mask_probability=masks.probability if masks else 0.0,
             draw_masks=masks is not None,
@@ -196,6 +198,12 @@ class DataPipeline:
         multicrops = [MultiCrop(c) for c in self.crop_sets]
         for batch in self.loader(source, start):
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            if "jpegs" in batch:  # data.decode_on_device: the files' bytes, decoded here
+                names = batch.pop("names")
+                images, bad = decode_batch(
+                    batch.pop("jpegs"), batch.pop("decoded"), names, self.data.max_image_side, self.device
+                )
+                batch["images"], batch["skipped"] = pad_stack(images), batch["skipped"] + bad
             if "images" in batch:
                 batch = multicrops[batch.pop("crop_set")].geometric_collated(batch)
             # the photometric stage does not depend on crop sizes

@@ -376,6 +376,17 @@ class ImageSource(torch.utils.data.Dataset):
         ``ChannelMismatchError`` if it decodes with another channel count. Sources override this."""
         return load_path(self.records[index][0], channels=self.channels)
 
+    def read_bytes(self, index: int) -> bytes | None:
+        """The file of image ``index`` as it is stored (None where there is none, or it cannot be read): for
+        decoding elsewhere (``data.decode_on_device``)."""
+        path = self.records[index][0]
+        try:
+            if ".tar:" in path.lower() and not os.path.isfile(path):
+                return read_tar_member(path)
+            return Path(path).read_bytes()
+        except OSError:
+            return None
+
     def load(self, index: int) -> Tensor | None:
         """``decode``, with an image of the wrong channel count unreadable (None) like any bad file: one
         stray file must not stop a run (a wrong setting is caught by ``check_readable``)."""
@@ -500,11 +511,18 @@ class TarShardSource(ImageSource):
                     self.captions.append(texts.get(key))
         super().__init__(records, ", ".join(self.shards[:3]) + (" ..." if len(self.shards) > 3 else ""))
 
-    def decode(self, index: int) -> Tensor | None:
+    def read_bytes(self, index: int) -> bytes | None:
         shard, offset, size = self._index[index]
-        with open(self.shards[shard], "rb") as f:
-            f.seek(offset)
-            return _decode_named(f.read(size), self.path(index), channels=self.channels)
+        try:
+            with open(self.shards[shard], "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        except OSError:
+            return None
+
+    def decode(self, index: int) -> Tensor | None:
+        data = self.read_bytes(index)
+        return None if data is None else _decode_named(data, self.path(index), channels=self.channels)
 
 
 class SyntheticSource(ImageSource):
@@ -528,6 +546,9 @@ class SyntheticSource(ImageSource):
 
     def label(self, index: int) -> int:
         return self.scene(index).label
+
+    def read_bytes(self, index: int) -> None:
+        return None  # rendered, not stored
 
     def decode(self, index: int) -> Tensor:
         if self.channels != 3:  # scenes are rendered in RGB
