@@ -62,10 +62,16 @@ section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
 STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table --compile blocks+heads+losses"
-section 100 $STEP --arch vit_small --batch-size 64 --profile --sync-debug
-section 100 $STEP --arch vit_base --batch-size 64 --profile
+section 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static_step.py  # captured == eager
+section 100 $STEP --arch vit_small --batch-size 64 --profile --sync-debug --repeats 3
+section 100 $STEP --arch vit_small --batch-size 64 --repeats 3 --compile none --capture
+section 100 $STEP --arch vit_base --batch-size 64 --profile --repeats 3
+section 100 $STEP --arch vit_base --batch-size 64 --repeats 3 --compile none --capture
 # End to end with the step: JPEG folder -> workers (decode) -> GPU (crops, photometric) -> compiled step.
 section 150 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile --crops-on-device
+section 120 $E2E --data-only device --crops-on-device --decode-on-device
+# Extraction at 224 px, bf16, batch 256: OpenDINO against timm, both compiled (#27).
+section 150 python3 benchmarks/infer.py --device cuda --batch-size 256 --iters 20 --warmup 3 --compile --models vits16
 if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
     # End to end with the step, crops cut in the workers.
     section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile

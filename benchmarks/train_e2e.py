@@ -52,6 +52,11 @@ def main() -> None:
         help="workers only decode and draw crop boxes; the crops are cut batched on the device",
     )
     p.add_argument(
+        "--decode-on-device",
+        action="store_true",
+        help="with --crops-on-device: workers read the JPEG bytes, the device decodes them (nvJPEG)",
+    )
+    p.add_argument(
         "--data-only",
         choices=["loader", "device"],
         help="time the trainer's batches without the step: as the loader gives them (decoded, cropped, "
@@ -72,6 +77,7 @@ def main() -> None:
                 f"data.num_workers={args.workers}",
                 f"data.photometric_on_device={not args.photometric_in_worker}",
                 f"data.crops_on_device={args.crops_on_device}",
+                f"data.decode_on_device={args.decode_on_device}",
                 f"model.arch={args.arch}",
                 f"train.batch_size={args.batch_size}",
                 f"train.steps={args.steps}",
@@ -91,6 +97,8 @@ def main() -> None:
     where = "photometric in workers" if args.photometric_in_worker else "photometric on device"
     if args.crops_on_device:
         where = "crops and photometric on device"
+    if args.decode_on_device:
+        where = "decode, crops and photometric on device"
     what = f"data only ({args.data_only}, no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
     print(
         f"| end to end {what}, {args.workers} workers, {where}"

@@ -9,6 +9,7 @@ per-submodule clipping, AdamW, EMA. Reports s/step, images/s, peak memory and (o
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -18,8 +19,9 @@ from opendino.data.masking import BlockMaskGenerator
 from opendino.models import vit
 from opendino.models.vit import PatchEmbed
 from opendino.recipes.ssl import SSLRecipe
+from opendino.train.capture import WARMUP, CapturedStep
 from opendino.train.config import load_train_config
-from opendino.train.optim import apply_schedules, build_optimizer
+from opendino.train.optim import apply_schedules, build_optimizer, make_capturable
 from opendino.train.parallel import apply_activation_checkpointing, compile_modules
 from opendino.train.step import train_step
 
@@ -33,7 +35,8 @@ def synthetic_batch(b: int, global_size: int, local_size: int, n_local: int, pat
     batch = {
         "global": torch.randn(2 * b, 3, global_size, global_size),
         "local": torch.randn(n_local * b, 3, local_size, local_size),
-        **collate_masks(2 * b, grid * grid, BlockMaskGenerator(grid, seed=0)),
+        "labels": torch.zeros(b, dtype=torch.long),
+        **collate_masks(2 * b, grid * grid, BlockMaskGenerator(grid, seed=0), pad=True),
     }
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -158,11 +161,19 @@ def main() -> None:
         action="store_true",
         help="stochastic-depth subsets as before 2026-11-27 (one randperm per block, branch and crop group)",
     )
+    p.add_argument(
+        "--capture",
+        action="store_true",
+        help="train.capture: the whole step replayed from a CUDA graph (padded masked rows, device scalars)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of --steps steps: median and spread")
     p.add_argument("--sync-debug", action="store_true", help="list the host-device synchronisations of one step")
     p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.capture and device.type != "cuda":
+        p.error("--capture replays CUDA graphs: it needs --device cuda")
     cfg = load_train_config(
         None,
         [
@@ -193,30 +204,41 @@ def main() -> None:
             [torch.randperm(b, device=device)[: max(int(b * (1 - rate)), 1)] for b in sizes] for _ in range(n)
         ]
     optimizer = build_optimizer(recipe.param_groups())
+    recipe.set_scalar("teacher_temp", 0.07)
+    recipe.set_scalar("momentum", 0.994)
+    step_fn = train_step
+    if args.capture:
+        recipe.scalars_on(device)
+        make_capturable(optimizer, device)
+        step_fn = CapturedStep(print)
     apply_schedules(optimizer, 1e-4, 0.04, 1e-4)
-    recipe.teacher_temp, recipe.momentum = 0.07, 0.994
     batch = synthetic_batch(args.batch_size, args.global_size, args.local_size, args.n_local, 16, device)
 
     def step():
-        train_step(recipe, optimizer, batch, clip_grad=3.0)
+        step_fn(recipe, optimizer, batch, clip_grad=3.0)
 
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, WARMUP + 1 if args.capture else 0)):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    runs = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        runs.append((time.perf_counter() - start) / args.steps)
+    seconds = statistics.median(runs)
+    spread = f" ({args.batch_size / max(runs):.0f}-{args.batch_size / min(runs):.0f})" if len(runs) > 1 else ""
     images = args.batch_size / seconds
     name = f"{args.arch} b{args.batch_size} {args.global_size}/{args.local_size}x{args.n_local} K={args.prototypes}"
     name += f", compile: {args.compile}" + (f", AC: {args.ac}" if args.ac != "none" else "")
     name += ", EMA before 2026-11-26" if args.baseline_ema else ""
     name += ", convolution patch embedding" if args.baseline_patch_embed else ""
     name += ", randperm per drop-path draw" if args.baseline_drop_path else ""
+    name += ", captured (CUDA graph)" if args.capture else ""
     memory = mfu = ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
@@ -229,7 +251,7 @@ def main() -> None:
     if args.profile:
         profile(step, device)
     if args.table:
-        print(f"| {name} | {seconds:.3f} | {images:.0f} | {memory} | {mfu} |")
+        print(f"| {name} | {seconds:.3f} | {images:.0f}{spread} | {memory} | {mfu} |")
     else:
         print(f"{name}: {seconds:.3f} s/step, {images:.1f} images/s, peak memory {memory or '-'} GiB, MFU {mfu or '-'}")
 

@@ -150,3 +150,107 @@ def test_compiled_extraction_equals_eager_with_a_short_last_batch(tmp_path):
     assert compiled.paths == eager.paths and compiled.cls.shape == (5, 32) and compiled.patch.shape == (5, 2, 2, 32)
     for name in ("cls", "pooled", "patch"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-4, atol=1e-5)
+
+
+def _steps(recipe, optimizer, batches, capturable: bool):
+    from opendino.train.optim import make_capturable
+    from opendino.train.step import train_step
+
+    if capturable:
+        recipe.scalars_on(torch.device("cpu"))
+        make_capturable(optimizer, torch.device("cpu"))
+    records = []
+    for step, batch in enumerate(batches):
+        apply_schedules(optimizer, 1e-3 * (step + 1), 0.04 + 0.01 * step, 5e-4, step)
+        recipe.before_step(step)
+        torch.manual_seed(step)  # the same stochastic-depth draws for both
+        result = train_step(recipe, optimizer, batch, step=step, clip_grad=3.0)
+        records.append({"loss": result.loss, **result.terms, **result.grad_norms})
+    return records
+
+
+def test_the_capturable_step_state_gives_the_eager_step(tmp_path):
+    """What a captured step reads from device tensors (the recipe's scalars, lr, the decoupled weight decay)
+    gives the eager step's losses, norms, weights and EMA teacher over 3 steps."""
+    recipe = _recipe(tmp_path, pad_masked_rows=True)
+    twin = copy.deepcopy(recipe)
+    batches = [{k: v for k, v in b.items()} for b in _batches(True, rank=0)]
+    eager = _steps(recipe, build_optimizer(recipe.param_groups()), batches, capturable=False)
+    optimizer = build_optimizer(twin.param_groups())
+    captured = _steps(twin, optimizer, batches, capturable=True)
+    assert isinstance(twin.teacher_temp, torch.Tensor) and isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups)  # decayed outside the fused kernel
+    for a, b in zip(eager, captured, strict=True):
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(recipe.state_dict().items(), twin.state_dict().values(), strict=True):
+        # rounding apart (lerp or t + w (s - t), the decay inside or outside the kernel), which Adam's first
+        # steps amplify where gradients are tiny: 3.4e-6 at most on weights of ~0.07 here
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+
+
+def test_train_capture_without_a_gpu_says_so_and_trains_eager(tmp_path, capsys):
+    from opendino.train.logging import read_metrics
+    from opendino.train.trainer import Trainer
+
+    _recipe(tmp_path)  # writes tiny.yaml
+    preset = tmp_path / "tiny.yaml"
+    common = ["train.steps=2", "loss.pad_masked_rows=true"]
+    Trainer(load_train_config(preset, [f"run.dir={tmp_path / 'eager'}", *common])).run()
+    Trainer(load_train_config(preset, [f"run.dir={tmp_path / 'capture'}", "train.capture=true", *common])).run()
+    assert "train.capture: CUDA graphs need a GPU; the step runs eager" in capsys.readouterr().out
+    drop = {"images_per_s"}
+    eager, captured = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "capture")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in captured] == [
+        {k: v for k, v in r.items() if k not in drop} for r in eager
+    ]
+    with pytest.raises(ValueError, match="train.capture and train.compile: choose one"):
+        load_train_config(preset, ["train.capture=true", "train.compile=true"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_captured_step_equals_the_eager_step_on_a_gpu(tmp_path):
+    from opendino.train.capture import WARMUP, CapturedStep
+    from opendino.train.optim import make_capturable
+    from opendino.train.step import train_step
+
+    device = torch.device("cuda")
+    recipe = _recipe(tmp_path, pad_masked_rows=True).to(device)
+    twin = copy.deepcopy(recipe)
+    batches = [
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        for b in _batches(True, rank=0, n=WARMUP + 3)
+    ]
+    runs = []
+    for r, capture in ((recipe, False), (twin, True)):
+        optimizer = build_optimizer(r.param_groups())
+        step_fn = train_step
+        if capture:
+            r.scalars_on(device)
+            make_capturable(optimizer, device)
+            step_fn = CapturedStep(print)
+        torch.cuda.manual_seed(0)
+        records = []
+        for step, batch in enumerate(batches):
+            apply_schedules(optimizer, 1e-3, 0.04 + 0.01 * step, 5e-4, step)
+            r.before_step(step)
+            result = step_fn(r, optimizer, batch, step=step, clip_grad=3.0)
+            records.append({"loss": result.loss, **result.terms})
+        runs.append(records)
+    if isinstance(step_fn, CapturedStep):
+        assert len(step_fn.graphs) == 1
+    for a, b in zip(*runs, strict=True):  # stochastic depth draws differ once captured: compare loosely
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_the_captured_inputs_follow_every_tensor_of_a_batch():
+    from opendino.train.capture import _signature, _static_copy, _tensors
+
+    batch = {"global": torch.randn(2, 3), "teacher_logits": (torch.randn(4, 5), torch.randn(6, 5)), "upperbound": 7}
+    static = _static_copy(batch)
+    assert _signature(static) == _signature(batch) and static["upperbound"] == 7
+    assert len(_tensors(batch)) == 3 and static["teacher_logits"][0] is not batch["teacher_logits"][0]
+    longer = {**batch, "teacher_logits": (torch.randn(4, 5), torch.randn(7, 5))}
+    assert _signature(longer) != _signature(batch)  # another masked count: another graph

@@ -50,6 +50,25 @@ class Recipe(nn.Module):
     # Names of the run's `schedules` the recipe reads (besides the loop's lr and weight_decay).
     REQUIRED_SCHEDULES: tuple[str, ...] = ()
     OPTIONAL_SCHEDULES: tuple[str, ...] = ()
+    # A recipe whose whole step may be captured as one CUDA graph (``train.capture``): from one step to the
+    # next, its forward and ``after_update`` read no changing host value but the attributes named in
+    # STEP_SCALARS, which ``before_step`` sets through ``set_scalar`` (device tensors once captured).
+    CAPTURABLE: bool = False
+    STEP_SCALARS: tuple[str, ...] = ()
+
+    def set_scalar(self, name: str, value: float) -> None:
+        """A per-step value: a Python float, or written into its device tensor after ``scalars_on``."""
+        current = getattr(self, name, None)
+        if isinstance(current, Tensor):
+            current.fill_(value)
+        else:
+            setattr(self, name, value)
+
+    def scalars_on(self, device: torch.device) -> None:
+        """The STEP_SCALARS become device tensors, filled in place from now on: a captured graph reads
+        them at every replay instead of the values of the step it was captured at."""
+        for name in self.STEP_SCALARS:
+            setattr(self, name, torch.tensor(float(getattr(self, name)), device=device))
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -147,15 +166,21 @@ def lerp_by_tensor_(targets: list[Tensor], sources: list[Tensor], weight: Tensor
 
 
 @torch.no_grad()
-def ema_update_(targets: list[Tensor], sources: list[Tensor], momentum: float, enabled: Tensor | None = None) -> None:
+def ema_update_(
+    targets: list[Tensor], sources: list[Tensor], momentum: float | Tensor, enabled: Tensor | None = None
+) -> None:
     """``targets`` become the exponential moving average ``m t + (1 - m) s``, in one fused multi-tensor pass.
 
     ``enabled`` (a bool scalar on the device, the step's finite flag) turns the update off without a host
     synchronisation: ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with
     ``.item()``, stalling the host every step), so there the update is ``t += w * (s - t)`` with the
-    multi-tensor ops' tensor overloads. On the CPU reading the flag costs nothing and one ``lerp`` pass is faster.
+    multi-tensor ops' tensor overloads, as it is for a ``momentum`` tensor (a captured step's). On the CPU
+    reading the flag costs nothing and one ``lerp`` pass is faster.
     """
-    if enabled is not None and enabled.device.type != "cpu":
-        lerp_by_tensor_(targets, sources, enabled.to(targets[0].dtype) * (1.0 - momentum))
+    if isinstance(momentum, Tensor) or (enabled is not None and enabled.device.type != "cpu"):
+        weight = 1.0 - momentum if isinstance(momentum, Tensor) else torch.tensor(1.0 - momentum, device=enabled.device)
+        if enabled is not None:
+            weight = weight * enabled.to(weight.dtype)
+        lerp_by_tensor_(targets, sources, weight.to(targets[0].dtype))
     elif enabled is None or bool(enabled):
         torch._foreach_lerp_(targets, sources, 1.0 - momentum)

@@ -79,6 +79,8 @@ class SSLRecipe(Recipe):
 
     REQUIRED_SCHEDULES = ("teacher_temp", "momentum")
     OPTIONAL_SCHEDULES = ("dino_local_loss_weight", "gram_loss_weight")
+    CAPTURABLE = True
+    STEP_SCALARS = ("teacher_temp", "momentum", "local_weight", "gram_weight")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -180,17 +182,25 @@ class SSLRecipe(Recipe):
             self.gram_teacher.eval()
         return self
 
-    def _set_scalars(self, step: int) -> None:
+    def _set_scalars(self, step: int) -> dict[str, float]:
         s = self.schedules
-        self.teacher_temp, self.momentum = s["teacher_temp"][step], s["momentum"][step]
-        self.local_weight = s["dino_local_loss_weight"][step] if "dino_local_loss_weight" in s else 1.0
+        values = {
+            "teacher_temp": s["teacher_temp"][step],
+            "momentum": s["momentum"][step],
+            "dino_local_weight": s["dino_local_loss_weight"][step] if "dino_local_loss_weight" in s else 1.0,
+        }
+        self.set_scalar("teacher_temp", values["teacher_temp"])
+        self.set_scalar("momentum", values["momentum"])
+        self.set_scalar("local_weight", values["dino_local_weight"])
+        self.set_scalar("gram_weight", self.gram.weight if self.gram is not None else 0.0)
+        return values
 
     def before_step(self, step: int) -> dict[str, float]:
-        self._set_scalars(step)
-        values = {"teacher_temp": self.teacher_temp, "momentum": self.momentum, "dino_local_weight": self.local_weight}
+        values = self._set_scalars(step)
         if self.gram is not None:
             values.update(self.gram.before_step(step))
-        return values
+            self.set_scalar("gram_weight", values["gram_weight"])
+        return values  # the scheduled floats: logging them reads nothing from the device
 
     @torch.no_grad()
     def ema_teacher_outputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -233,9 +243,8 @@ class SSLRecipe(Recipe):
         if self.gram is not None:
             terms["gram"] = self.gram.loss(glob["x_norm_patchtokens"], batch, ema_patches)
         n_local = batch["local"].shape[0] // (batch["global"].shape[0] // N_GLOBAL)  # local crops per image
-        gram_weight = self.gram.weight if self.gram is not None else 0.0
         loss = total_loss(
-            self.weights, N_GLOBAL, n_local, dino_local_weight=self.local_weight, gram_weight=gram_weight, **terms
+            self.weights, N_GLOBAL, n_local, dino_local_weight=self.local_weight, gram_weight=self.gram_weight, **terms
         )
         return loss, terms
 

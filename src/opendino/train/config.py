@@ -70,6 +70,10 @@ class TrainLoopConfig:
     seed: int = 0  # weights, data order, crops and masks all follow from it
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile every block, head and (in one process) the loss region
+    # Replay the whole step (forward, backward, clipping, AdamW, EMA) from one CUDA graph per batch shape
+    # (train/capture.py): one GPU process, a recipe that declares its per-step scalars; else eager, said.
+    # Pair with loss.pad_masked_rows=true
+    capture: bool = False
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     # The training recipe (recipes/base.py): a name of opendino.recipes.RECIPES, or `module:Class`
     recipe: str = "ssl"
@@ -78,6 +82,8 @@ class TrainLoopConfig:
         minima = {"steps": 1, "batch_size": 1, "epoch_length": 1, "max_bad_steps": 1, "accumulate": 1}
         check_minima("train", self, minima)
         recipe_class(self.recipe)
+        if self.capture and self.compile:
+            raise ConfigError("train.capture and train.compile: choose one (the captured step replays eager kernels)")
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 # Relative imports: the package's name would be the only mention of a recipe in this file.
 from ..losses.distributed import all_reduce_max
 from ..recipes.base import Recipe
+from .optim import decoupled_decay_
 
 
 @dataclass
@@ -35,13 +36,15 @@ def train_step(
     *,
     step: int = 0,
     clip_grad: float = 0.0,
+    autocast_cache: bool = True,
 ) -> StepResult:
     """``batch``: one batch, or the micro-batches of a step (``train.accumulate``): their gradients add up
     (each loss divided by their number) before one clipping and one optimizer step; DDP synchronises them
     once, after the last (FSDP after each, keeping them sharded). Batch-level terms (Sinkhorn-Knopp, KoLeo,
     centres, contrastive negatives) are each micro-batch's own. ``step``: the index handed to
     ``recipe.after_update``; ``clip_grad``: the max gradient norm per clipping unit of the recipe (0:
-    measure only)."""
+    measure only); ``autocast_cache=False`` while a CUDA graph captures the step (its cast weights would
+    otherwise outlive the capture)."""
     micro = [batch] if isinstance(batch, dict) else list(batch)
     device = micro[0]["labels"].device  # every recipe's batch has labels (on the device)
     trained = recipe.parallel_plan().trained
@@ -55,7 +58,9 @@ def train_step(
     for i, part in enumerate(micro):
         if set_sync is not None:
             set_sync(i == len(micro) - 1)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=autocast_cache
+        ):
             loss, these_terms = recipe(part)
         # one batch: the loss itself (accumulate=1 is bit for bit the step without accumulation)
         (loss if len(micro) == 1 else loss / len(micro)).backward()
@@ -70,6 +75,7 @@ def train_step(
     found_inf = all_reduce_max((~torch.isfinite(loss)).float())
     finite = found_inf == 0
     optimizer.found_inf = found_inf  # read by the fused AdamW kernel
+    decoupled_decay_(optimizer, finite)  # a captured step's weight decay (train/optim.py)
     optimizer.step()
     recipe.after_update(step, finite)
     return StepResult(loss, terms, norms, finite)

@@ -30,6 +30,7 @@ from ..data.pipeline import DataNeeds, DataPipeline, open_training_source
 from ..models import save_model
 from ..recipes import recipe_class
 from ..schedules import LOOP_SCHEDULES, build_schedules, scale_lr
+from .capture import CapturedStep, capture_unavailable
 from .config import WHOLE_VALUES, TrainConfig, student_configs
 from .dense_peak import DensePeak
 from .distributed import (
@@ -42,7 +43,7 @@ from .distributed import (
 )
 from .logging import MetricsLog, SkippedImagesLog
 from .monitor import SCORE, DenseMonitor
-from .optim import apply_schedules, build_optimizer
+from .optim import apply_schedules, build_optimizer, make_capturable
 from .parallel import parallelize
 from .rng import MemberStreams
 from .step import StepResult, train_step
@@ -105,6 +106,15 @@ class Member:
             for live, fresh in zip(self.optimizer.param_groups, groups, strict=True):
                 for key in ("frozen_until", "ramp_steps"):  # this run's config, not the saved one
                     live[key] = fresh.get(key, 0)
+        self.run_step = train_step
+        if cfg.train.capture:
+            why = capture_unavailable(recipe, self.device, env.world_size, cfg.train.accumulate)
+            if why is not None:
+                self.say(f"train.capture: {why}; the step runs eager")
+            else:
+                recipe.scalars_on(self.device)
+                make_capturable(self.optimizer, self.device)
+                self.run_step = CapturedStep(self.say)
         per_rank = cfg.train.batch_size * cfg.train.accumulate  # the images of one optimizer step
         scale = scale_lr(1.0, cfg.optim.scaling_rule, per_rank, world_size=env.world_size)
         specs = {name: cfg.schedules[name] for name in LOOP_SCHEDULES}
@@ -124,7 +134,7 @@ class Member:
         self.logged = self.recipe.before_step(step)
         if ramp is not None:  # init.head_warmup_steps / backbone_ramp_steps: where the backbone's lr stands
             self.logged["lr_ramp"] = ramp
-        result = train_step(self.recipe, self.optimizer, batches, step=step, clip_grad=self.cfg.optim.clip_grad)
+        result = self.run_step(self.recipe, self.optimizer, batches, step=step, clip_grad=self.cfg.optim.clip_grad)
         self.pending.append((step, result.finite))
         self.streams.leave()
         return result
