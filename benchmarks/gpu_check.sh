@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, the trainer's batches end to end from a JPEG folder (crops cut in the
 # workers or on the GPU), the data pipeline per core and its batched GPU stages, the full training step
-# (ViT-S/B, with its host synchronisations and profiles) and ViT-S end to end; optionally the end-to-end
-# trainer with crops cut in the workers, ViT-L and inference against timm. Prints a short table last; every
+# (ViT-S/B, with its host synchronisations and profiles; ViT-S captured as one CUDA graph, after the
+# captured-vs-eager test), ViT-S end to end, JPEGs decoded on the GPU, and extraction against timm, both
+# compiled; optionally the captured ViT-B step, the [B, N, h, d] attention layout, the end-to-end trainer
+# with crops cut in the workers, ViT-L and eager inference against timm. Prints a short table last; every
 # section's output is kept in $OUT/all.log.
 # Every section has its own time limit, so one slow part cannot take the others down; the default set fits
 # one 10-minute device call.
@@ -62,17 +64,20 @@ section 90 python3 benchmarks/data.py --device cuda --n 64 --batch-size 64
 echo "| training step | s/step | images/s | peak GiB | MFU |" >>"$SUMMARY"
 echo "|---|---|---|---|---|" >>"$SUMMARY"
 STEP="python3 benchmarks/train_step.py --device cuda --steps 40 --warmup 3 --table --compile blocks+heads+losses"
-section 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static_step.py  # captured == eager
+section 120 python3 benchmarks/capture_check.py  # the captured step against the eager one, and its resume
 section 100 $STEP --arch vit_small --batch-size 64 --profile --sync-debug --repeats 3
 section 100 $STEP --arch vit_small --batch-size 64 --repeats 3 --compile none --capture
 section 100 $STEP --arch vit_base --batch-size 64 --profile --repeats 3
-section 100 $STEP --arch vit_base --batch-size 64 --repeats 3 --compile none --capture
 # End to end with the step: JPEG folder -> workers (decode) -> GPU (crops, photometric) -> compiled step.
 section 150 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile --crops-on-device
 section 120 $E2E --data-only device --crops-on-device --decode-on-device
 # Extraction at 224 px, bf16, batch 256: OpenDINO against timm, both compiled (#27).
 section 150 python3 benchmarks/infer.py --device cuda --batch-size 256 --iters 20 --warmup 3 --compile --models vits16
 if [ -n "${GPU_CHECK_ALL:-}" ]; then  # the rest, for a second call
+    # The captured ViT-B step and the [B, N, h, d] attention layout against the model's (#27).
+    section 100 $STEP --arch vit_base --batch-size 64 --repeats 3 --compile none --capture
+    section 100 $STEP --arch vit_small --batch-size 64 --repeats 3 --attention-layout bnhd
+    section 100 $STEP --arch vit_base --batch-size 64 --repeats 3 --attention-layout bnhd
     # End to end with the step, crops cut in the workers.
     section 130 python3 benchmarks/train_e2e.py --arch vit_small --batch-size 64 --steps 80 --compile
     section 100 $STEP --arch vit_large --batch-size 64

@@ -13,10 +13,12 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from opendino.data.collate import collate_masks
 from opendino.data.masking import BlockMaskGenerator
 from opendino.models import vit
+from opendino.models.rope import rotate_half
 from opendino.models.vit import PatchEmbed
 from opendino.recipes.ssl import SSLRecipe
 from opendino.train.capture import WARMUP, CapturedStep
@@ -39,6 +41,25 @@ def synthetic_batch(b: int, global_size: int, local_size: int, n_local: int, pat
         **collate_masks(2 * b, grid * grid, BlockMaskGenerator(grid, seed=0), pad=True),
     }
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def attend_bnhd(self, qkv: torch.Tensor, rope) -> torch.Tensor:
+    """``SelfAttention._attend`` with q, k, v kept in the ``[B, N, h, d]`` memory of the qkv projection
+    (RoPE applied in that layout, SDPA given transposed views): no permuted copies before the kernel, and
+    its output, ``[B, N, h, d]`` in memory, flattens without a copy. An experiment (``--attention-layout``)."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.view(B, N, 3, self.num_heads, -1).unbind(2)
+    if rope is not None:
+        sin, cos = (t.unsqueeze(-2) if t.dim() == 2 else t.transpose(1, 2) for t in rope)  # [N, 1, d] / [B, N, 1, d]
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            n_prefix = x.shape[1] - sin.shape[-3]
+            patches = x[:, n_prefix:].to(sin.dtype)
+            return torch.cat([x[:, :n_prefix], (patches * cos + rotate_half(patches) * sin).to(x.dtype)], 1)
+
+        q, k = rotate(q), rotate(k)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
 
 
 def profile(step, device: torch.device) -> None:
@@ -167,6 +188,12 @@ def main() -> None:
         help="train.capture: the whole step replayed from a CUDA graph (padded masked rows, device scalars)",
     )
     p.add_argument("--repeats", type=int, default=1, help="timed runs of --steps steps: median and spread")
+    p.add_argument(
+        "--attention-layout",
+        choices=["bhnd", "bnhd"],
+        default="bhnd",
+        help="q, k, v as [B, h, N, d] permuted copies (the model's) or kept as [B, N, h, d] views (experiment)",
+    )
     p.add_argument("--sync-debug", action="store_true", help="list the host-device synchronisations of one step")
     p.add_argument("--table", action="store_true", help="print one markdown table row")
     args = p.parse_args()
@@ -203,6 +230,15 @@ def main() -> None:
         vit.drop_path_subsets = lambda sizes, rate, n, device: [
             [torch.randperm(b, device=device)[: max(int(b * (1 - rate)), 1)] for b in sizes] for _ in range(n)
         ]
+    if args.attention_layout == "bnhd":
+        block = recipe.student.backbone.blocks[0].attn
+        x = torch.randn(2, 5 + 16, block.qkv.in_features, device=device)
+        rope = recipe.student.backbone.rope_embed(H=4, W=4) if recipe.student.backbone.rope_embed else None
+        with torch.no_grad():
+            qkv = block.qkv(x)
+            diff = (attend_bnhd(block, qkv, rope) - block._attend(qkv, rope)).abs().max().item()
+        print(f"[B, N, h, d] attention layout: max |diff| against the model's {diff:.1e}")
+        vit.SelfAttention._attend = attend_bnhd
     optimizer = build_optimizer(recipe.param_groups())
     recipe.set_scalar("teacher_temp", 0.07)
     recipe.set_scalar("momentum", 0.994)
@@ -239,6 +275,7 @@ def main() -> None:
     name += ", convolution patch embedding" if args.baseline_patch_embed else ""
     name += ", randperm per drop-path draw" if args.baseline_drop_path else ""
     name += ", captured (CUDA graph)" if args.capture else ""
+    name += ", attention [B, N, h, d]" if args.attention_layout == "bnhd" else ""
     memory = mfu = ""
     if device.type == "cuda":
         memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"
