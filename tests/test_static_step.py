@@ -174,6 +174,7 @@ def test_the_capturable_step_state_gives_the_eager_step(tmp_path):
     gives the eager step's losses, norms, weights and EMA teacher over 3 steps."""
     recipe = _recipe(tmp_path, pad_masked_rows=True)
     twin = copy.deepcopy(recipe)
+    start = copy.deepcopy(recipe.state_dict())
     batches = [{k: v for k, v in b.items()} for b in _batches(True, rank=0)]
     eager = _steps(recipe, build_optimizer(recipe.param_groups()), batches, capturable=False)
     optimizer = build_optimizer(twin.param_groups())
@@ -184,9 +185,46 @@ def test_the_capturable_step_state_gives_the_eager_step(tmp_path):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
     for (name, a), b in zip(recipe.state_dict().items(), twin.state_dict().values(), strict=True):
-        # rounding apart (lerp or t + w (s - t), the decay inside or outside the kernel), which Adam's first
-        # steps amplify where gradients are tiny: 3.4e-6 at most on weights of ~0.07 here
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
+        # Rounding apart (lerp or t + w (s - t), the decay inside or outside the kernel), which Adam's first
+        # steps turn into lr-sized differences where a gradient is near zero: 0.2-0.7 % of a tensor's own
+        # change over the 3 steps, depending on the CPU. The decay itself: the test below.
+        change = (a - start[name]).abs().max().item() if a.is_floating_point() else 0.0
+        torch.testing.assert_close(b, a, rtol=0, atol=0.02 * change + 1e-9, msg=name)
+
+
+def test_the_capturable_adamw_makes_the_update_of_the_fused_one():
+    """lr in a device tensor and the weight decay applied by ``decoupled_decay_`` (what a captured step
+    runs) against the fused kernel's own decay, on fixed gradients over 3 steps of changing lr and decay,
+    two groups with their own multipliers, and a skipped (non-finite) step that changes nothing."""
+    from opendino.train.optim import decoupled_decay_, make_capturable
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(5, 7, generator=gen), torch.randn(11, generator=gen)]
+    grads = [[torch.randn(w.shape, generator=gen) for w in weights] for _ in range(4)]
+
+    def run(capturable: bool, decay: bool = True) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        groups = [
+            {"params": [params[0]], "is_last_layer": False, "lr_multiplier": 1.0, "wd_multiplier": 1.0},
+            {"params": [params[1]], "is_last_layer": True, "lr_multiplier": 0.5, "wd_multiplier": 0.0},
+        ]
+        optimizer = build_optimizer(groups)
+        if capturable:
+            make_capturable(optimizer, torch.device("cpu"))
+        for step, these in enumerate(grads):
+            apply_schedules(optimizer, 0.1 * (step + 1), (0.5 + step) * decay, 0.05, step)
+            for p, g in zip(params, these, strict=True):
+                p.grad = g.clone()
+            finite = torch.tensor(step != 2)  # the third step is skipped
+            optimizer.found_inf = (~finite).float()
+            decoupled_decay_(optimizer, finite)
+            optimizer.step()
+        return [p.detach() for p in params]
+
+    fused, captured = run(False), run(True)
+    for a, b in zip(fused, captured, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert (run(False, decay=False)[0] - fused[0]).abs().max() > 0.05  # the decay is large enough to see
 
 
 def test_train_capture_without_a_gpu_says_so_and_trains_eager(tmp_path, capsys):
@@ -233,3 +271,40 @@ def test_the_captured_inputs_follow_every_tensor_of_a_batch():
     assert len(_tensors(batch)) == 3 and static["teacher_logits"][0] is not batch["teacher_logits"][0]
     longer = {**batch, "teacher_logits": (torch.randn(4, 5), torch.randn(7, 5))}
     assert _signature(longer) != _signature(batch)  # another masked count: another graph
+
+
+def test_a_run_with_the_capturable_state_resumes_exactly_and_trains_like_eager(tmp_path, monkeypatch, capsys):
+    """The trainer's captured-step set-up (recipe scalars and optimizer lr / weight decay in device tensors)
+    with the graph replaced by the eager step it records, as if on a GPU: its checkpoints hold and restore
+    that state (in the form an eager run writes), so a run stopped after step 2 and resumed gives the
+    uninterrupted metrics exactly, and both train like the eager run (rounding apart: the weight decay
+    applied outside the fused kernel)."""
+    from opendino.train import trainer as trainer_module
+    from opendino.train.logging import read_metrics
+    from opendino.train.step import train_step
+    from opendino.train.trainer import Trainer
+
+    _recipe(tmp_path)  # writes tiny.yaml
+    preset = tmp_path / "tiny.yaml"
+    common = ["loss.pad_masked_rows=true", "checkpoint.every=1", "train.steps=5"]
+
+    def run(name: str, *more: str) -> list[dict]:
+        Trainer(load_train_config(preset, [f"run.dir={tmp_path / name}", *common, *more])).run()
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / name)]
+
+    eager = run("eager")
+    monkeypatch.setattr(trainer_module, "capture_unavailable", lambda *a: None)
+    monkeypatch.setattr(trainer_module, "CapturedStep", lambda say: train_step)
+    whole = run("whole", "train.capture=true")
+    run("stopped", "train.capture=true", "train.steps=2")
+    saved = torch.load(tmp_path / "stopped" / "checkpoints" / "step_00000001.pt", weights_only=True)
+    groups = saved["optimizer"]["param_groups"]
+    # written as an eager run writes them: any run, capturing or not, can carry on from it
+    assert all(isinstance(g["lr"], float) and "decay" not in g and not g["capturable"] for g in groups)
+    assert {g["weight_decay"] for g in groups} != {0.0}
+    resumed = run("stopped", "train.capture=true")
+    assert "resuming" in capsys.readouterr().out
+    assert resumed == whole and len(whole) == 5
+    for a, b in zip(eager, whole, strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key

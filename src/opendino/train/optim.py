@@ -63,3 +63,19 @@ def decoupled_decay_(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
         if params:
             factor = torch.where(finite, 1.0 - group["lr"] * group["decay"], 1.0)
             torch._foreach_mul_(params, factor)
+
+
+def portable_state(state: dict) -> dict:
+    """An optimizer state dict as an eager step's optimizer holds it: a captured step's groups (tensor lr,
+    ``decay``, ``capturable``) turned back into plain settings, so that a checkpoint loads into a fresh
+    optimizer whether or not the run that reads it captures its step (it then calls
+    :func:`make_capturable` itself); lr and weight decay are set from the schedules every step anyway."""
+    groups = []
+    for group in state["param_groups"]:
+        group = dict(group)
+        if "decay" in group:
+            group["weight_decay"] = float(group.pop("decay"))
+        group["lr"] = float(group["lr"])
+        group["capturable"] = False
+        groups.append(group)
+    return {**state, "param_groups": groups}

@@ -43,7 +43,7 @@ from .distributed import (
 )
 from .logging import MetricsLog, SkippedImagesLog
 from .monitor import SCORE, DenseMonitor
-from .optim import apply_schedules, build_optimizer, make_capturable
+from .optim import apply_schedules, build_optimizer, make_capturable, portable_state
 from .parallel import parallelize
 from .rng import MemberStreams
 from .step import StepResult, train_step
@@ -175,7 +175,7 @@ class Member:
             "step": step,
             # full states keyed by parameter name: readable by any number of ranks
             "model": get_model_state_dict(self.recipe, options=FULL_STATE),
-            "optimizer": get_optimizer_state_dict(trained, self.optimizer, options=FULL_STATE),
+            "optimizer": portable_state(get_optimizer_state_dict(trained, self.optimizer, options=FULL_STATE)),
             "rng": gather_objects(self.streams.state),
             "bad_steps": self.bad_steps,
             "skipped_images": sum_over_ranks(self.skipped, self.device),
