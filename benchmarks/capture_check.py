@@ -37,7 +37,7 @@ def _batches(n: int, b: int = 16, device: str = "cuda") -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     out = []
     for i in range(n):
-        masks = collate_masks(2 * b, 49, BlockMaskGenerator(7, seed=i), rows=torch.arange(b), pad=True)
+        masks = collate_masks(2 * b, 49, BlockMaskGenerator(7, seed=i), pad=True)  # both global crops of b images
         batch = {
             "global": torch.randn(2 * b, 3, 112, 112, generator=gen),
             "local": torch.randn(4 * b, 3, 48, 48, generator=gen),
@@ -48,8 +48,17 @@ def _batches(n: int, b: int = 16, device: str = "cuda") -> list[dict]:
     return out
 
 
-def _run(recipe: SSLRecipe, batches: list[dict], capture: bool) -> list[dict]:
-    device = torch.device("cuda")
+def _recipe(random: bool, device: str = "cuda") -> SSLRecipe:
+    """ViT-S/16 with small heads; ``random``: stochastic depth 0.3 and RoPE augmentation, else no random draw."""
+    cfg = load_train_config(None, [*SMALL, f"model.drop_path_rate={0.3 if random else 0}"])
+    if not random:
+        cfg.model.kwargs = dict(NO_RANDOM_ROPE)
+    torch.manual_seed(0)
+    return SSLRecipe(cfg).to(device).train()
+
+
+def _run(recipe: SSLRecipe, batches: list[dict], capture: bool, device: str = "cuda") -> list[dict]:
+    device = torch.device(device)
     optimizer = build_optimizer(recipe.param_groups())
     step_fn = train_step
     if capture:
@@ -77,10 +86,7 @@ def main() -> int:
     rows, failed = [], False
     batches = _batches(WARMUP + 5)
 
-    cfg = load_train_config(None, [*SMALL, "model.drop_path_rate=0"])
-    cfg.model.kwargs = dict(NO_RANDOM_ROPE)
-    torch.manual_seed(0)
-    recipe = SSLRecipe(cfg).cuda().train()
+    recipe = _recipe(random=False)
     twin = copy.deepcopy(recipe)
     eager, captured = _run(recipe, batches, False), _run(twin, batches, True)
     worst = _worst(eager[WARMUP:], captured[WARMUP:])
@@ -88,9 +94,7 @@ def main() -> int:
         ("captured vs eager, no random draws, 5 steps after warm-up: max rel diff", f"{worst:.1e}", worst < 1e-4)
     )
 
-    cfg = load_train_config(None, [*SMALL, "model.drop_path_rate=0.3"])
-    torch.manual_seed(0)
-    recipe = SSLRecipe(cfg).cuda().train()
+    recipe = _recipe(random=True)
     twin = copy.deepcopy(recipe)
     eager, captured = _run(recipe, batches, False), _run(twin, batches, True)
     finite = all(torch.isfinite(torch.tensor(r["loss"])) for r in captured)

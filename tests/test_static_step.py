@@ -308,3 +308,30 @@ def test_a_run_with_the_capturable_state_resumes_exactly_and_trains_like_eager(t
     for a, b in zip(eager, whole, strict=True):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+def test_the_gpu_capture_check_makes_its_eager_steps_on_the_cpu():
+    """benchmarks/capture_check.py runs only on a GPU, where a broken batch would waste the device's time:
+    its recipes and batches make finite eager steps here."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("capture_check", REPO / "benchmarks" / "capture_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    for random in (False, True):
+        records = check._run(check._recipe(random, "cpu"), check._batches(2, b=2, device="cpu"), False, "cpu")
+        assert len(records) == 2 and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in records)
+        assert {"loss", "ibot", "norm_backbone"} <= set(records[0])
+
+
+def test_the_captured_ema_weight_keeps_its_precision_at_the_end_of_the_schedule(tmp_path):
+    """Near the end of the momentum schedule the teacher moves by ``1 - m`` ~ 1e-5 of the difference; the
+    device scalar holds that weight (computed on the host in double), not a float32 momentum, whose
+    complement would be off by 0.14 % (float32(0.99999) = 0.99998999)."""
+    recipe = _recipe(tmp_path)
+    recipe.scalars_on(torch.device("cpu"))
+    recipe.set_scalar("ema_weight", 1.0 - 0.99999)
+    assert abs(recipe.ema_weight.item() / 1e-5 - 1) < 1e-6
+    assert abs((1.0 - torch.tensor(0.99999)).item() / 1e-5 - 1) > 1e-3  # what a float32 momentum would give

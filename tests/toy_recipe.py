@@ -61,7 +61,7 @@ class ToyRecipe(Recipe):
         return {"student": norm.to_local() if hasattr(norm, "to_local") else norm}
 
     def after_update(self, step: int, finite: Tensor) -> None:
-        ema_update_(list(self.ema.parameters()), list(self.student.backbone.parameters()), EMA_MOMENTUM, finite)
+        ema_update_(list(self.ema.parameters()), list(self.student.backbone.parameters()), 1.0 - EMA_MOMENTUM, finite)
 
     def export_module(self) -> nn.Module:
         return self.ema

@@ -167,20 +167,23 @@ def lerp_by_tensor_(targets: list[Tensor], sources: list[Tensor], weight: Tensor
 
 @torch.no_grad()
 def ema_update_(
-    targets: list[Tensor], sources: list[Tensor], momentum: float | Tensor, enabled: Tensor | None = None
+    targets: list[Tensor], sources: list[Tensor], weight: float | Tensor, enabled: Tensor | None = None
 ) -> None:
-    """``targets`` become the exponential moving average ``m t + (1 - m) s``, in one fused multi-tensor pass.
+    """``targets`` become the exponential moving average ``t + w (s - t)``, ``w = 1 - momentum`` (callers
+    compute it on the host, in double: near the end of an EMA schedule ``1 - momentum`` is ~1e-5, which a
+    float32 momentum would hold only to 0.6 %), in one fused multi-tensor pass.
 
     ``enabled`` (a bool scalar on the device, the step's finite flag) turns the update off without a host
     synchronisation: ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with
     ``.item()``, stalling the host every step), so there the update is ``t += w * (s - t)`` with the
-    multi-tensor ops' tensor overloads, as it is for a ``momentum`` tensor (a captured step's). On the CPU
+    multi-tensor ops' tensor overloads, as it is for a ``weight`` tensor (a captured step's). On the CPU
     reading the flag costs nothing and one ``lerp`` pass is faster.
     """
-    if isinstance(momentum, Tensor) or (enabled is not None and enabled.device.type != "cpu"):
-        weight = 1.0 - momentum if isinstance(momentum, Tensor) else torch.tensor(1.0 - momentum, device=enabled.device)
+    if isinstance(weight, Tensor) or (enabled is not None and enabled.device.type != "cpu"):
+        if not isinstance(weight, Tensor):
+            weight = torch.tensor(weight, device=enabled.device)
         if enabled is not None:
             weight = weight * enabled.to(weight.dtype)
         lerp_by_tensor_(targets, sources, weight.to(targets[0].dtype))
     elif enabled is None or bool(enabled):
-        torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+        torch._foreach_lerp_(targets, sources, weight)

@@ -217,7 +217,9 @@ class IJEPARecipe(Recipe):
         return clip_per_submodule(self.student, max_norm)
 
     def after_update(self, step: int, finite: Tensor) -> None:
-        ema_update_(list(self.target.parameters()), list(self.student.backbone.parameters()), self.momentum, finite)
+        ema_update_(
+            list(self.target.parameters()), list(self.student.backbone.parameters()), 1.0 - self.momentum, finite
+        )
 
     def export_module(self) -> nn.Module:
         return self.target

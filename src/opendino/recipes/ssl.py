@@ -80,7 +80,7 @@ class SSLRecipe(Recipe):
     REQUIRED_SCHEDULES = ("teacher_temp", "momentum")
     OPTIONAL_SCHEDULES = ("dino_local_loss_weight", "gram_loss_weight")
     CAPTURABLE = True
-    STEP_SCALARS = ("teacher_temp", "momentum", "local_weight", "gram_weight")
+    STEP_SCALARS = ("teacher_temp", "ema_weight", "local_weight", "gram_weight")
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -190,7 +190,7 @@ class SSLRecipe(Recipe):
             "dino_local_weight": s["dino_local_loss_weight"][step] if "dino_local_loss_weight" in s else 1.0,
         }
         self.set_scalar("teacher_temp", values["teacher_temp"])
-        self.set_scalar("momentum", values["momentum"])
+        self.set_scalar("ema_weight", 1.0 - values["momentum"])  # the student's share in the EMA teacher
         self.set_scalar("local_weight", values["dino_local_weight"])
         self.set_scalar("gram_weight", self.gram.weight if self.gram is not None else 0.0)
         return values
@@ -329,12 +329,9 @@ class SSLRecipe(Recipe):
             return koleo_loss(cls)
         return koleo_loss_distributed(cls, group_size=None if group < 0 else group)
 
-    def update_teacher(self, momentum: float, enabled: Tensor | None = None) -> None:
-        """EMA of the student's parameters (buffers are constant)."""
-        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum, enabled)
-
     def after_update(self, step: int, finite: Tensor) -> None:
-        self.update_teacher(self.momentum, enabled=finite)
+        """The teacher: EMA of the student's parameters (buffers are constant)."""
+        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), self.ema_weight, finite)
 
     def export_module(self) -> nn.Module:
         return self.teacher.backbone  # the EMA teacher (the student's EMA in distillation)

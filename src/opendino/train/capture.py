@@ -27,20 +27,24 @@ import torch
 from torch import Tensor
 
 from ..recipes.base import Recipe
+from .config import TrainConfig
 from .step import StepResult, train_step
 
 WARMUP = 3
 MAX_GRAPHS = 4
 
 
-def capture_unavailable(recipe: Recipe, device: torch.device, world_size: int, accumulate: int) -> str | None:
+def capture_unavailable(recipe: Recipe, cfg: TrainConfig, device: torch.device, world_size: int) -> str | None:
     """Why this run's step cannot be captured (None when it can): the fallback is the eager step."""
     if device.type != "cuda":
         return "CUDA graphs need a GPU"
     if world_size > 1:
         return "capturing the step of several processes (collectives in the graph) is not supported yet"
-    if accumulate > 1:
+    if cfg.train.accumulate > 1:
         return "train.accumulate > 1: micro-batches are not captured"
+    if cfg.parallel.activation_checkpointing != "none":
+        # the recomputation saves and restores the CUDA generator's state, which a capture may refuse
+        return "parallel.activation_checkpointing: recomputed blocks are not captured"
     if not type(recipe).CAPTURABLE:
         return f"the recipe {type(recipe).__name__} does not declare its per-step scalars (Recipe.CAPTURABLE)"
     return None
@@ -116,7 +120,8 @@ class CapturedStep:
         static = _static_copy(part)
         graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's pool
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the data loader's pin-memory thread keeps calling CUDA while the step is captured
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = train_step(recipe, optimizer, static, step=step, autocast_cache=False, **kw)
         self.graphs[signature] = (graph, static, outputs)
         graph.replay()  # capturing records the step without running it: run it now

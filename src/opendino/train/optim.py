@@ -69,7 +69,10 @@ def portable_state(state: dict) -> dict:
     """An optimizer state dict as an eager step's optimizer holds it: a captured step's groups (tensor lr,
     ``decay``, ``capturable``) turned back into plain settings, so that a checkpoint loads into a fresh
     optimizer whether or not the run that reads it captures its step (it then calls
-    :func:`make_capturable` itself); lr and weight decay are set from the schedules every step anyway."""
+    :func:`make_capturable` itself); lr and weight decay are set from the schedules every step anyway.
+    Empty on the ranks that do not write the full state."""
+    if "param_groups" not in state:
+        return state
     groups = []
     for group in state["param_groups"]:
         group = dict(group)

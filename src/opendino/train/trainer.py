@@ -108,7 +108,7 @@ class Member:
                     live[key] = fresh.get(key, 0)
         self.run_step = train_step
         if cfg.train.capture:
-            why = capture_unavailable(recipe, self.device, env.world_size, cfg.train.accumulate)
+            why = capture_unavailable(recipe, cfg, self.device, env.world_size)
             if why is not None:
                 self.say(f"train.capture: {why}; the step runs eager")
             else:
