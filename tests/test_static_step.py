@@ -244,6 +244,17 @@ def test_train_capture_without_a_gpu_says_so_and_trains_eager(tmp_path, capsys):
     ]
     with pytest.raises(ValueError, match="train.capture and train.compile: choose one"):
         load_train_config(preset, ["train.capture=true", "train.compile=true"])
+    from opendino.train.capture import capture_unavailable
+
+    cuda = torch.device("cuda")  # what the rule says on a GPU; nothing runs there
+    recipe = _recipe(tmp_path)
+    assert capture_unavailable(recipe, load_train_config(preset, []), cuda, 1) is None
+    for override, why in (
+        ("parallel.activation_checkpointing=selective", "activation_checkpointing"),
+        ("train.accumulate=2", "accumulate"),
+    ):
+        assert why in capture_unavailable(recipe, load_train_config(preset, [override]), cuda, 1)
+    assert "several processes" in capture_unavailable(recipe, load_train_config(preset, []), cuda, 2)
 
 
 @pytest.mark.gpu
