@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--workers", type=int, default=max((os.cpu_count() or 2) - 1, 1))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--capture", action="store_true", help="the step replayed from CUDA graphs (train.capture)")
     p.add_argument("--photometric-in-worker", action="store_true", help="per-sample CPU distortions instead")
     p.add_argument(
         "--crops-on-device",
@@ -82,6 +83,8 @@ def main() -> None:
                 f"train.batch_size={args.batch_size}",
                 f"train.steps={args.steps}",
                 f"train.compile={args.compile}",
+                f"train.capture={args.capture}",
+                f"loss.pad_masked_rows={args.capture}",  # one masked count: one graph
                 f"log.every={log_every}",
                 "log.tensorboard=false",
                 "log.progress=false",
@@ -102,7 +105,7 @@ def main() -> None:
     what = f"data only ({args.data_only}, no step)" if args.data_only else f"{args.arch} b{args.batch_size}"
     print(
         f"| end to end {what}, {args.workers} workers, {where}"
-        f"{', compiled' if args.compile else ''} | | {steady:.0f} | | |"
+        f"{', compiled' if args.compile else ''}{', captured' if args.capture else ''} | | {steady:.0f} | | |"
     )
 
 

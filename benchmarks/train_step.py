@@ -217,8 +217,8 @@ def main() -> None:
         compile_modules(recipe, plan, heads="heads" in args.compile, methods="losses" in args.compile)
     if args.baseline_ema:
         teacher, student = list(recipe.teacher.parameters()), list(recipe.student.parameters())
-        recipe.update_teacher = lambda momentum, enabled: torch._foreach_lerp_(
-            teacher, student, enabled.float() * (1.0 - momentum)
+        recipe.after_update = lambda step, finite: torch._foreach_lerp_(
+            teacher, student, finite.float() * recipe.ema_weight
         )
     if args.baseline_patch_embed:
         PatchEmbed.forward = lambda self, x: (
@@ -241,7 +241,7 @@ def main() -> None:
         vit.SelfAttention._attend = attend_bnhd
     optimizer = build_optimizer(recipe.param_groups())
     recipe.set_scalar("teacher_temp", 0.07)
-    recipe.set_scalar("momentum", 0.994)
+    recipe.set_scalar("ema_weight", 1.0 - 0.994)
     step_fn = train_step
     if args.capture:
         recipe.scalars_on(device)
