@@ -170,8 +170,8 @@ def ema_update_(
     targets: list[Tensor], sources: list[Tensor], weight: float | Tensor, enabled: Tensor | None = None
 ) -> None:
     """``targets`` become the exponential moving average ``t + w (s - t)``, ``w = 1 - momentum`` (callers
-    compute it on the host, in double: near the end of an EMA schedule ``1 - momentum`` is ~1e-5, which a
-    float32 momentum would hold only to 0.6 %), in one fused multi-tensor pass.
+    compute it on the host, in double: near the end of an EMA schedule ``1 - momentum`` is ~1e-5, which the
+    complement of a float32 momentum gets 0.14 % wrong at momentum 0.99999), in one fused multi-tensor pass.
 
     ``enabled`` (a bool scalar on the device, the step's finite flag) turns the update off without a host
     synchronisation: ``_foreach_lerp_`` has no tensor-weight overload (a CUDA scalar would be read with

@@ -40,8 +40,8 @@ def train_step(
 ) -> StepResult:
     """``batch``: one batch, or the micro-batches of a step (``train.accumulate``): their gradients add up
     (each loss divided by their number) before one clipping and one optimizer step; DDP synchronises them
-    once, after the last (FSDP after each, keeping them sharded). Batch-level terms (Sinkhorn-Knopp, KoLeo,
-    centres, contrastive negatives) are each micro-batch's own. ``step``: the index handed to
+    once, after the last (FSDP after each, keeping them sharded). Batch-level terms (normalisations over the
+    batch, running centres, contrastive negatives) are each micro-batch's own. ``step``: the index handed to
     ``recipe.after_update``; ``clip_grad``: the max gradient norm per clipping unit of the recipe (0:
     measure only); ``autocast_cache=False`` while a CUDA graph captures the step (its cast weights would
     otherwise outlive the capture)."""

@@ -6,7 +6,7 @@ stopped. Under torchrun every rank runs this loop on its share of each batch; ra
 folder. Checkpoints hold full (unsharded) states keyed by parameter name, so a run resumes on any number
 of ranks. A run trains one or several members (the students of one distillation): each has its own
 recipe, optimizer, schedules, random streams and sub-folder, and all are fed the same batches and the
-recipe's shared pass (a frozen teacher's forward).
+recipe's shared pass (the forward of a frozen model that every member reads).
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class Member:
             raise error or runs.CheckpointWriteError(f"rank 0 could not write the checkpoint of step {step}")
 
     def finish(self) -> None:
-        """Exports the recipe's model (``teacher.safetensors``)."""
+        """Exports the recipe's model (``runs.EXPORT`` in the run folder) and its extra exports."""
         module = self.recipe.export_module()
         crops = self.cfg.crops  # recorded in the file: what its inputs must be normalised with
         module.input_normalisation = (tuple(crops.mean), tuple(crops.std))
